@@ -1,0 +1,175 @@
+"""The feature schema: declared once in YAML, validated here, read by loaders, converters and models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LABEL_NAME = re.compile(r"^label(_[A-Za-z0-9]+)*$")
+
+
+class SchemaError(ValueError):
+    """A schema file or a data file that does not match its schema."""
+
+
+class Feature(BaseModel):
+    """One input column.
+
+    - `dense`: a float column, fed as is.
+    - `sparse`: an int64 id column or a `list<int64>` multi-id column, pooled into one vector.
+    - `sequence`: a `list<int64>` column kept jagged (a user's history), not pooled.
+
+    Ids must lie in `[0, vocab_size)` (anything else is rejected with the column and value named),
+    or, with `hash_buckets`, are mapped into range by a non-negative modulo.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: Literal["dense", "sparse", "sequence"]
+    vocab_size: int | None = Field(default=None, gt=0)
+    hash_buckets: int | None = Field(default=None, gt=0)
+    embedding_dim: int = Field(default=16, gt=0)
+    pooling: Literal["sum", "mean"] = "sum"
+    table: str | None = None
+
+    @model_validator(mode="after")
+    def _ids_have_one_range(self) -> Feature:
+        if self.kind == "dense":
+            if self.vocab_size or self.hash_buckets or self.table:
+                raise ValueError(
+                    f"feature {self.name!r}: a dense feature takes no vocab_size, hash_buckets or table"
+                )
+        elif (self.vocab_size is None) == (self.hash_buckets is None):
+            raise ValueError(
+                f"feature {self.name!r}: give exactly one of vocab_size or hash_buckets "
+                f"(got vocab_size={self.vocab_size}, hash_buckets={self.hash_buckets})"
+            )
+        return self
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.vocab_size or self.hash_buckets or 0
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def is_id(self) -> bool:
+        return self.kind != "dense"
+
+
+class Schema(BaseModel):
+    """Features and labels of one data set. Labels are `label` or `label_<task>` columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    features: list[Feature] = Field(min_length=1)
+    labels: list[str] = Field(default_factory=lambda: ["label"], min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Schema:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"features: duplicate names {dupes}")
+        for label in self.labels:
+            if not LABEL_NAME.match(label):
+                raise ValueError(f"labels: {label!r} is not 'label' or 'label_<task>'")
+            if label in names:
+                raise ValueError(f"labels: {label!r} is also a feature name")
+        tables: dict[str, Feature] = {}
+        for f in self.id_features:
+            first = tables.setdefault(f.table_name, f)
+            if (first.num_embeddings, first.embedding_dim) != (f.num_embeddings, f.embedding_dim):
+                raise ValueError(
+                    f"feature {f.name!r}: shares table {f.table_name!r} with {first.name!r} but has "
+                    f"{f.num_embeddings} rows x {f.embedding_dim} dims, not "
+                    f"{first.num_embeddings} x {first.embedding_dim}"
+                )
+        return self
+
+    @property
+    def dense_features(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "dense"]
+
+    @property
+    def id_features(self) -> list[Feature]:
+        return [f for f in self.features if f.is_id]
+
+    @property
+    def sparse_features(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "sparse"]
+
+    @property
+    def sequence_features(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "sequence"]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names: `label` -> `label`, `label_click` -> `click`."""
+        return [lab.removeprefix("label_") for lab in self.labels]
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature named {name!r}; features are {[f.name for f in self.features]}")
+
+    def arrow_schema(self) -> pa.Schema:
+        """The Arrow types a data file must have (an id feature may be int64 or list<int64>)."""
+        fields = [pa.field(f.name, pa.float32() if f.kind == "dense" else (
+            pa.list_(pa.int64()) if f.kind == "sequence" else pa.int64())) for f in self.features]
+        return pa.schema(fields + [pa.field(lab, pa.float32()) for lab in self.labels])
+
+    # --- YAML -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: object, source: str = "schema") -> Schema:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise SchemaError(f"{source}: {_describe(e, data)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schema:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "schema.yaml"
+        if not path.exists():
+            raise SchemaError(f"schema file not found: {path}")
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "schema.yaml"
+        data = self.model_dump(exclude_defaults=True)
+        data["labels"] = list(self.labels)
+        with open(path, "w") as fh:
+            yaml.safe_dump(data, fh, sort_keys=False)
+        return path
+
+
+def _describe(error: ValidationError, data: object) -> str:
+    """One line per problem, naming the field path with feature names rather than list indices."""
+    lines = []
+    for err in error.errors():
+        loc = list(err["loc"])
+        if len(loc) >= 2 and loc[0] == "features" and isinstance(loc[1], int):
+            try:
+                loc[1] = repr(data["features"][loc[1]].get("name", loc[1]))  # type: ignore[index]
+            except (KeyError, TypeError, IndexError, AttributeError):
+                pass
+        where = ".".join(str(p) for p in loc) or "schema"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{where}: {err['msg']}{shown}")
+    return "; ".join(lines)
