@@ -1,0 +1,193 @@
+"""Shared parts of the raw-format loaders: id encoding, histories, splits, Parquet + schema output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from recray.data.jagged import check_columns
+from recray.data.schema import Schema
+
+SPLITS = ("train", "valid", "test")
+DROPPED = -1  # split code of a row that goes to no split
+SPLIT_KEYS = ("user_id", "item_id", "timestamp")  # how BARS/RecBole split files name a row
+ROW_KEY = "row"  # 0-based line number in the interaction log, for data without those keys
+
+
+def need_file(path: Path, data_set: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{data_set}: file not found: {path}")
+    return path
+
+
+def encode(values: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, int]:
+    """Values -> dense ids 1..n in sorted value order, 0 for null; returns (ids, vocab_size n+1)."""
+    values = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+    vocab = pc.unique(values.drop_null())
+    vocab = vocab.take(pc.sort_indices(vocab))
+    ids = pc.fill_null(pc.index_in(values, value_set=vocab), -1)
+    return _to_numpy(ids).astype(np.int64) + 1, len(vocab) + 1
+
+
+def lookup(key_ids: np.ndarray, values: np.ndarray, vocab_size: int, query_ids: np.ndarray) -> np.ndarray:
+    """`values[i]` belongs to key `key_ids[i]`; return the value of each query key, 0 where absent."""
+    table = np.zeros(vocab_size, dtype=np.int64)
+    table[key_ids] = values
+    return table[query_ids]
+
+
+def take_lists(key_ids: np.ndarray, lists: pa.ListArray, vocab_size: int, query_ids: np.ndarray) -> pa.Array:
+    """Like `lookup` for a list column: the list of each query key, empty where absent."""
+    row_of_key = np.full(vocab_size, len(lists), dtype=np.int64)  # points at an appended empty list
+    row_of_key[key_ids] = np.arange(len(lists))
+    padded = pa.concat_arrays([lists, pa.array([[]], type=lists.type)])
+    return padded.take(pa.array(row_of_key[query_ids]))
+
+
+def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int64)))
+
+
+def split_int_lists(strings: pa.Array | pa.ChunkedArray, sep: str = ",", shift: int = 0) -> pa.ListArray:
+    """'12,65' -> [12 + shift, 65 + shift]; an empty or null string -> []."""
+    strings = pc.fill_null(strings, "")
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    parts = pc.split_pattern(strings, sep)
+    tokens = pc.utf8_trim_whitespace(parts.flatten())
+    keep = pc.not_equal(pc.utf8_length(tokens), 0)
+    values = _to_numpy(tokens.filter(keep).cast(pa.int64())) + shift
+    rows = _to_numpy(pc.list_parent_indices(parts).filter(keep))
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(strings)), out=offsets[1:])
+    return list_array(offsets, values)
+
+
+def history(
+    event_user: np.ndarray,
+    event_time: np.ndarray,
+    query_user: np.ndarray,
+    query_time: np.ndarray,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's last `max_len` events of the same user strictly before its time, oldest first.
+
+    Returns (offsets [n_queries + 1], event indices): query q's history is
+    `events[indices[offsets[q]:offsets[q + 1]]]`. Events are sorted by one combined (user, time)
+    key, so a query's history ends where its own key would be inserted on the left: every event
+    of that user at the same or a later time lies after it. Ties in time keep the event order.
+    """
+    _, user_rank = np.unique(np.concatenate([event_user, query_user]), return_inverse=True)
+    _, time_rank = np.unique(np.concatenate([event_time, query_time]), return_inverse=True)
+    key = user_rank.astype(np.int64) * (int(time_rank.max(initial=0)) + 1) + time_rank
+    event_key, query_key = key[: len(event_user)], key[len(event_user) :]
+    order = np.argsort(event_key, kind="stable")
+    sorted_key = event_key[order]
+    end = np.searchsorted(sorted_key, query_key, side="left")
+    user_start = np.searchsorted(sorted_key, query_key - time_rank[len(event_user) :], side="left")
+    start = np.maximum(user_start, end - max_len)
+    lengths = end - start
+    offsets = np.zeros(len(query_user) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    return offsets, order[np.repeat(start, lengths) + within]
+
+
+def random_split(n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> np.ndarray:
+    """Split code (0 train, 1 valid, 2 test) per row, split sizes exactly as rounded fractions."""
+    cuts = np.round(np.cumsum(fractions)[:2] * n).astype(np.int64)
+    codes = np.empty(n, dtype=np.int8)
+    codes[np.random.default_rng(seed).permutation(n)] = np.repeat([0, 1, 2], np.diff([0, *cuts, n]))
+    return codes
+
+
+def time_split(timestamps: np.ndarray, fractions: tuple[float, float] = (0.8, 0.9)) -> np.ndarray:
+    """Split code per row by global time quantiles: train earliest, no time shared across splits."""
+    if len(timestamps) == 0:
+        return np.zeros(0, dtype=np.int8)
+    bounds = np.quantile(timestamps, fractions, method="lower")
+    return np.searchsorted(bounds, timestamps, side="left").astype(np.int8)
+
+
+def fixed_split(split_files: Sequence[str | Path], keys: pa.Table) -> np.ndarray:
+    """Split code per data row as named by [train, valid, test] CSV files; unnamed rows DROPPED.
+
+    A file names rows by `user_id,item_id,timestamp` columns or by a `row` column (0-based line
+    number in the interaction log); `keys` holds the data's values of whichever it has.
+    """
+    if len(split_files) != len(SPLITS):
+        raise ValueError(f"split_files: expected {len(SPLITS)} files (train, valid, test), got {len(split_files)}")
+    codes = np.full(keys.num_rows, DROPPED, dtype=np.int8)
+    named = np.zeros(keys.num_rows, dtype=np.int64)
+    data = keys.append_column("_data_row", pa.array(np.arange(keys.num_rows)))
+    for code, path in enumerate(map(Path, split_files)):
+        need_file(path, "split_files")
+        table = pcsv.read_csv(path)
+        on = _split_key_columns(path, table.column_names, keys.column_names)
+        table = table.select(on).cast(pa.schema([(c, pa.int64()) for c in on]))
+        joined = table.join(data.select([*on, "_data_row"]), keys=on, join_type="left outer")
+        found = joined.column("_data_row")
+        if found.null_count:
+            raise ValueError(
+                f"split file {path}: {found.null_count} of {table.num_rows} rows not found in the "
+                f"data (matched on {', '.join(on)})"
+            )
+        rows = np.unique(_to_numpy(found))
+        codes[rows] = code
+        named[rows] += 1
+    if (named > 1).any():
+        raise ValueError(f"split_files: {int((named > 1).sum())} data rows are named in more than one file")
+    return codes
+
+
+def _split_key_columns(path: Path, columns: list[str], available: list[str]) -> list[str]:
+    for on in (list(SPLIT_KEYS), [ROW_KEY]):
+        if set(on) <= set(columns) and set(on) <= set(available):
+            return on
+    accepted = " or ".join(repr(",".join(on)) for on in (SPLIT_KEYS, [ROW_KEY]) if set(on) <= set(available))
+    raise ValueError(f"split file {path}: columns {columns}, expected {accepted}")
+
+
+def split_codes(keys: pa.Table, split_files: Sequence[str | Path] | None, default: np.ndarray) -> np.ndarray:
+    return default if split_files is None else fixed_split(split_files, keys)
+
+
+def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.ndarray) -> Path:
+    """Write `train/valid/test.parquet` (split code 0/1/2) and `schema.yaml` into `out`.
+
+    Columns are cast to the data model's types; columns beyond the schema (`timestamp`, `row`)
+    are kept for time-aware evaluation and for checking splits.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in schema.features] + list(schema.labels)
+    extras = [c for c in table.column_names if c not in names]
+    table = table.select(names + extras)
+    table = table.cast(pa.schema([pa.field(c, _storage_type(schema, c, table.schema.field(c).type)) for c in table.column_names]))
+    check_columns(table.schema, schema, source=str(out))
+    mask = pa.array(codes)
+    for code, split in enumerate(SPLITS):
+        pq.write_table(table.filter(pc.equal(mask, code)), out / f"{split}.parquet")
+    schema.save(out)
+    return out
+
+
+def _storage_type(schema: Schema, column: str, current: pa.DataType) -> pa.DataType:
+    if column in schema.labels:
+        return pa.float32()
+    kinds = {f.name: f.kind for f in schema.features}
+    if kinds.get(column) == "dense":
+        return pa.float32()
+    if kinds.get(column) == "sequence" or pa.types.is_list(current):
+        return pa.list_(pa.int64())
+    return pa.int64()
+
+
+def _to_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy())

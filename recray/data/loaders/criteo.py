@@ -1,0 +1,89 @@
+"""Criteo display ads (tab-separated label, I1..I13, C1..C26) -> CTR impressions with hashed ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from recray.data.loaders.common import ROW_KEY, need_file, random_split, split_codes, write_dataset
+from recray.data.schema import Feature, Schema
+
+DENSE = [f"I{i}" for i in range(1, 14)]
+CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+HEX_WIDTH = 8
+
+# nibble value of each byte; 255 marks a byte that is not a hex digit
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _digits, _first in ((b"0123456789", 0), (b"abcdef", 10), (b"ABCDEF", 10)):
+    _NIBBLE[np.frombuffer(_digits, dtype=np.uint8)] = np.arange(_first, _first + len(_digits))
+
+
+def hex_ids(column: pa.Array | pa.ChunkedArray, name: str = "column") -> np.ndarray:
+    """Hex strings of up to 8 digits -> int64 (= int(x, 16)); empty or null -> 0."""
+    strings = pc.fill_null(column, "")
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    too_long = pc.greater(pc.utf8_length(strings), HEX_WIDTH)
+    if pc.any(too_long).as_py():
+        bad = strings.filter(too_long)[0].as_py()
+        raise ValueError(f"criteo: column {name!r} has {bad!r}, expected at most {HEX_WIDTH} hex digits")
+    # left-padding with zeros makes every value exactly 8 bytes, so the bytes form a [n, 8] matrix
+    fixed = pc.utf8_lpad(strings, width=HEX_WIDTH, padding="0").cast(pa.binary(HEX_WIDTH))
+    data = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)
+    digits = data[fixed.offset * HEX_WIDTH : (fixed.offset + len(fixed)) * HEX_WIDTH].reshape(-1, HEX_WIDTH)
+    nibbles = _NIBBLE[digits]
+    if (nibbles == 255).any():
+        bad = strings[int(np.nonzero((nibbles == 255).any(axis=1))[0][0])].as_py()
+        raise ValueError(f"criteo: column {name!r} has {bad!r}, expected hex digits")
+    return nibbles.astype(np.int64) @ (16 ** np.arange(HEX_WIDTH - 1, -1, -1, dtype=np.int64))
+
+
+def log_transform(values: np.ndarray) -> np.ndarray:
+    """x -> log(1 + x) for x > 0; 0 and the rare negative counts (I2) stay as they are."""
+    values = values.astype(np.float64)
+    return np.where(values > 0, np.log1p(np.maximum(values, 0)), values).astype(np.float32)
+
+
+def prepare_criteo(
+    src: str | Path,
+    out: str | Path,
+    *,
+    split_files: Sequence[Path] | None = None,
+    seed: int = 0,
+    hash_buckets: int = 100_003,
+    embedding_dim: int = 16,
+) -> Path:
+    """`src` is the data file, or a directory holding `train.txt`."""
+    src = Path(src)
+    path = need_file(src / "train.txt" if src.is_dir() else src, "criteo")
+    raw = pcsv.read_csv(
+        path,
+        read_options=pcsv.ReadOptions(column_names=["label", *DENSE, *CATEGORICAL]),
+        parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pcsv.ConvertOptions(
+            column_types={"label": pa.float32()} | dict.fromkeys(DENSE, pa.int64()) | dict.fromkeys(CATEGORICAL, pa.string()),
+            strings_can_be_null=True,
+        ),
+    )
+    columns: dict[str, np.ndarray] = {}
+    for name in DENSE:
+        columns[name] = log_transform(pc.fill_null(raw.column(name), 0).to_numpy())
+    for name in CATEGORICAL:
+        columns[name] = hex_ids(raw.column(name), name)
+    if raw.column("label").null_count:
+        raise ValueError(f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows")
+    columns["label"] = raw.column("label").to_numpy()
+    columns[ROW_KEY] = np.arange(raw.num_rows)
+    table = pa.table(columns)
+
+    schema = Schema(features=[Feature(name=n, kind="dense") for n in DENSE] + [
+        Feature(name=n, kind="sparse", hash_buckets=hash_buckets, embedding_dim=embedding_dim)
+        for n in CATEGORICAL
+    ])
+    codes = split_codes(table.select([ROW_KEY]), split_files, random_split(table.num_rows, seed))
+    return write_dataset(out, schema, table, codes)

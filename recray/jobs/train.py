@@ -1,0 +1,55 @@
+"""`recray train CONFIG` / `python -m recray.jobs.train --config FILE`: one training run on Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recray.platform.config import ConfigError, load_train_config
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`--set train.epochs=3` pairs -> {"train.epochs": 3} (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML experiment config")
+    parser.add_argument("--config", dest="config_opt", help="same as the positional CONFIG")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=3")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recray.platform.train import fit
+
+    path = args.config_opt or args.config
+    if not path:
+        raise ConfigError("give a config file: recray train CONFIG")
+    cfg = load_train_config(path, parse_overrides(args.set))
+    result = fit(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recray.jobs.train", description=__doc__)
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Experiment configs: YAML files validated before any worker starts, errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Strict):
+    path: str = Field(description="directory with train/valid/test.parquet and schema.yaml")
+
+
+class ModelSection(_Strict):
+    name: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimSection(_Strict):
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=1024, gt=0)
+    eval_batch_size: int = Field(default=8192, gt=0)
+    shuffle_buffer_rows: int = Field(default=0, ge=0, description="Ray Data local shuffle; 0 = off")
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(default=0, ge=0, description="0 = Ray Train local mode")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    name: str = "train"
+    seed: int = 0
+    data: DataSection
+    model: ModelSection
+    train: OptimSection = Field(default_factory=OptimSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    storage_path: str = "runs"
+    max_failures: int = Field(default=0, ge=0)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        parts.append(f"{where}: {err['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse(TrainConfig, data, str(path))

@@ -1,0 +1,225 @@
+"""Training on Ray Train: a TorchTrainer whose train function streams Parquet through Ray Data as KJTs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+from recray.data.jagged import check_columns, to_batch
+from recray.data.schema import Schema, SchemaError
+from recray.platform.config import ConfigError, TrainConfig
+
+SPLITS = ("train", "valid", "test")
+
+
+# --- validation: everything that can fail fails here, in the driver, before any worker ----------
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def validate(cfg: TrainConfig) -> Schema:
+    """Check data, schema and model in the driver; return the schema. Raises ConfigError."""
+    import pyarrow.parquet as pq
+
+    from recray import models
+
+    data_dir = cfg.data.path
+    if not _is_uri(data_dir):
+        data_dir = str(Path(data_dir).expanduser().resolve())
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"data.path: directory not found (got {cfg.data.path!r})")
+        cfg.data.path = data_dir
+    try:
+        schema = Schema.load(f"{data_dir}/schema.yaml")
+    except SchemaError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    if not _is_uri(data_dir):
+        for split in SPLITS:
+            file = Path(data_dir) / f"{split}.parquet"
+            if not file.exists():
+                raise ConfigError(f"data.path: {file} is missing (need {', '.join(SPLITS)})")
+            try:
+                check_columns(pq.read_schema(file), schema, source=str(file))
+            except SchemaError as e:
+                raise ConfigError(f"data.path: {e}") from None
+            except Exception as e:  # pyarrow raises ArrowInvalid and OSError for corrupt files
+                raise ConfigError(f"data.path: {file} is not a readable Parquet file: {e}") from None
+    if cfg.model.name not in models.available():
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r}; available: {models.available()}"
+        )
+    try:
+        models.build(cfg.model.name, schema, **cfg.model.hparams)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.hparams: {e}") from None
+    return schema
+
+
+# --- the train function (runs in each Ray Train worker) -----------------------------------------
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    return kinds[cfg.train.optimizer](params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def task_metrics(
+    split: str, tasks: list[str], labels: np.ndarray, probs: np.ndarray
+) -> dict[str, float]:
+    """AUC and logloss per task; `label` is the single-task name, else `<split>_auc_<task>` too."""
+    out: dict[str, float] = {}
+    for t, task in enumerate(tasks):
+        y, p = labels[:, t], np.clip(probs[:, t], 1e-7, 1 - 1e-7)
+        suffix = "" if task == "label" else f"_{task}"
+        out[f"{split}_auc{suffix}"] = (
+            float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+        )
+        out[f"{split}_logloss{suffix}"] = float(log_loss(y, p, labels=[0, 1]))
+    if len(tasks) > 1:
+        out[f"{split}_auc"] = float(np.nanmean([out[f"{split}_auc_{t}"] for t in tasks]))
+        out[f"{split}_logloss"] = float(np.mean([out[f"{split}_logloss_{t}"] for t in tasks]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, shard, schema: Schema, batch_size: int, split: str) -> dict[str, float]:
+    """Predict a data shard; with several workers, gather every worker's predictions first."""
+    import torch.distributed as dist
+
+    model.eval()
+    labels, probs = [], []
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        batch = to_batch(table, schema, source=split)
+        labels.append(batch.labels.numpy())
+        probs.append(torch.sigmoid(model(batch)).numpy())
+    model.train()
+    n_tasks = len(schema.labels)
+    local = (
+        np.concatenate(labels) if labels else np.zeros((0, n_tasks), np.float32),
+        np.concatenate(probs) if probs else np.zeros((0, n_tasks), np.float32),
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+    return task_metrics(split, schema.tasks, *local)
+
+
+def train_func(config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train's unit: build the model, stream this worker's shard, evaluate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from recray import models
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    schema = Schema.model_validate(config["schema"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model.name, schema, **cfg.model.hparams)
+    optimizer = _optimizer(cfg, model.parameters())
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / "state.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+    if world > 1:
+        model = ray.train.torch.prepare_model(model)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    torch.manual_seed(cfg.seed + rank + start_epoch)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        train_shard = ray.train.get_dataset_shard("train")
+        for table in train_shard.iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
+            local_shuffle_seed=cfg.seed + epoch,
+        ):
+            batch = to_batch(table, schema, source="train")
+            loss = loss_fn(model(batch), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows, loss_sum, steps = rows + len(batch), loss_sum + float(loss), steps + 1
+        train_seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(steps, 1),
+            "train_rows_per_s": rows * world / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+        }
+        evaluated = ("valid", "test") if epoch == cfg.train.epochs - 1 else ("valid",)
+        for split in evaluated:
+            metrics |= evaluate(
+                model, ray.train.get_dataset_shard(split), schema, cfg.train.eval_batch_size, split
+            )
+        _report(model, optimizer, epoch, metrics, rank)
+    return metrics
+
+
+def _report(model, optimizer, epoch: int, metrics: dict[str, float], rank: int) -> None:
+    """Report this epoch; rank 0 attaches the checkpoint (weights, optimizer state, epoch)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            module = getattr(model, "module", model)
+            torch.save(
+                {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                os.path.join(tmp, "state.pt"),
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+def fit(cfg: TrainConfig) -> dict[str, Any]:
+    """Validate, then run the TorchTrainer; return the final metrics and the checkpoint path."""
+    schema = validate(cfg)
+
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    datasets = {
+        split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
+    }
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.model_dump(), "schema": schema.model_dump()},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics["wall_seconds"] = time.perf_counter() - started
+    return {
+        "metrics": metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
