@@ -111,11 +111,11 @@ def _id_column(arr: pa.Array, feature: Feature, source: str) -> tuple[torch.Tens
 def _ids_in_range(values: torch.Tensor, feature: Feature, source: str) -> torch.Tensor:
     if values.numel() == 0:
         return values
+    lo, hi = (int(x) for x in torch.aminmax(values))
     if feature.hash_buckets is not None:
-        if int(values.min()) < 0 or int(values.max()) >= feature.hash_buckets:
+        if lo < 0 or hi >= feature.hash_buckets:
             return torch.remainder(values, feature.hash_buckets)
         return values
-    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= feature.num_embeddings:
         bad = lo if lo < 0 else hi
         raise SchemaError(

@@ -37,7 +37,7 @@ def encode(values: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray,
 
 def lookup(key_ids: np.ndarray, values: np.ndarray, vocab_size: int, query_ids: np.ndarray) -> np.ndarray:
     """`values[i]` belongs to key `key_ids[i]`; return the value of each query key, 0 where absent."""
-    table = np.zeros(vocab_size, dtype=np.int64)
+    table = np.zeros(vocab_size, dtype=values.dtype)
     table[key_ids] = values
     return table[query_ids]
 

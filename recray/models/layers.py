@@ -1,0 +1,217 @@
+"""Layers the model zoo shares: TorchRec feature embeddings, MLP, DCN-v2 cross net, FM, linear part."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recray.data.jagged import Batch
+from recray.data.schema import Feature, Schema
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+DEFAULT_FIELD_DIM = 16  # field width for FM/DLRM on a schema without id features
+
+
+class Hparams(BaseModel):
+    """Base of every model's hyperparameters: unknown names are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MLPHparams(Hparams):
+    """Hyperparameters of a model's MLP."""
+
+    hidden: list[PositiveInt] = [128, 64]
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+def segment_pool(values: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Jagged `values [T, D]` with `lengths [B]` -> `[B, D]` sum or mean; an empty row gives zeros."""
+    lengths = lengths.long()
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    pooled = values.new_zeros(lengths.numel(), values.shape[1]).index_add(0, rows, values)
+    if pooling == "mean":
+        pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+    return pooled
+
+
+class FeatureEmbedding(nn.Module):
+    """Every id feature of a schema -> pooled vectors and jagged sequences; one table per table_name.
+
+    Tables used only by sparse features of one pooling live in a pooled `EmbeddingBagCollection`.
+    Tables that a sequence feature uses (or whose sparse features pool differently) live in an
+    unpooled `EmbeddingCollection`, one per embedding dim since TorchRec wants one dim per EC, and
+    the sparse features on them are pooled here. Both are plain TorchRec modules, so
+    `DistributedModelParallel` can shard them; pass `device=torch.device("meta")` for that.
+    """
+
+    def __init__(self, schema: Schema, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        device = torch.device(device) if device is not None else None
+        by_table: dict[str, list[Feature]] = {}
+        for f in schema.id_features:
+            by_table.setdefault(f.table_name, []).append(f)
+        bag_tables: list[EmbeddingBagConfig] = []
+        unpooled_by_dim: dict[int, list[EmbeddingConfig]] = {}
+        self._pooled_here: dict[str, str] = {}
+        for table, features in by_table.items():
+            shape = {
+                "name": table,
+                "num_embeddings": features[0].num_embeddings,
+                "embedding_dim": features[0].embedding_dim,
+                "feature_names": [f.name for f in features],
+            }
+            poolings = {f.pooling for f in features}
+            if any(f.kind == "sequence" for f in features) or len(poolings) > 1:
+                unpooled_by_dim.setdefault(shape["embedding_dim"], []).append(EmbeddingConfig(**shape))
+                self._pooled_here.update({f.name: f.pooling for f in features if f.kind == "sparse"})
+            else:
+                pooling = PoolingType.MEAN if poolings == {"mean"} else PoolingType.SUM
+                bag_tables.append(EmbeddingBagConfig(**shape, pooling=pooling))
+        self.bags = EmbeddingBagCollection(bag_tables, device=device) if bag_tables else None
+        self.unpooled = nn.ModuleDict(
+            {f"dim{dim}": EmbeddingCollection(tables, device=device)
+             for dim, tables in unpooled_by_dim.items()}
+        )
+        self.sparse_names = [f.name for f in schema.sparse_features]
+        self.sequence_names = [f.name for f in schema.sequence_features]
+        self.id_names = [f.name for f in schema.id_features]
+        self.dims = {f.name: f.embedding_dim for f in schema.id_features}
+
+    @property
+    def output_dim(self) -> int:
+        """Width of all fields concatenated."""
+        return sum(self.dims.values())
+
+    def forward(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """-> (`{sparse name: [B, dim]}`, `{sequence name: (values [T, dim], offsets [B+1])}`)."""
+        pooled = self.bags(features).to_dict() if self.bags is not None else {}
+        sequences = {}
+        for collection in self.unpooled.values():
+            for name, jagged in collection(features).items():
+                if name in self._pooled_here:
+                    pooled[name] = segment_pool(
+                        jagged.values(), jagged.lengths(), self._pooled_here[name]
+                    )
+                else:
+                    sequences[name] = (jagged.values(), jagged.offsets())
+        return (
+            {name: pooled[name] for name in self.sparse_names},
+            {name: sequences[name] for name in self.sequence_names},
+        )
+
+    def fields(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
+        """One `[B, dim]` field per id feature in schema order; sequences are mean-pooled."""
+        pooled, sequences = self(features)
+        for name, (values, offsets) in sequences.items():
+            pooled[name] = segment_pool(values, offsets[1:] - offsets[:-1], "mean")
+        return [pooled[name] for name in self.id_names]
+
+
+def common_dim(schema: Schema) -> int:
+    """The embedding dim most id features have: the field width for models that need one."""
+    dims = Counter(f.embedding_dim for f in schema.id_features)
+    return dims.most_common(1)[0][0] if dims else DEFAULT_FIELD_DIM
+
+
+class SameDimFields(nn.Module):
+    """Id features as `[B, F, dim]` fields; a feature of another width gets its own bias-free Linear."""
+
+    def __init__(self, schema: Schema, dim: int) -> None:
+        super().__init__()
+        self.embedding = FeatureEmbedding(schema)
+        self.dim = dim
+        self.projections = nn.ModuleDict(
+            {name: nn.Linear(width, dim, bias=False)
+             for name, width in self.embedding.dims.items() if width != dim}
+        )
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.embedding.id_names)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        fields = [
+            self.projections[name](field) if name in self.projections else field
+            for name, field in zip(self.embedding.id_names, self.embedding.fields(features), strict=True)
+        ]
+        if not fields:
+            return torch.zeros(features.stride(), 0, self.dim)
+        return torch.stack(fields, 1)
+
+
+class MLP(nn.Sequential):
+    """Linear + activation (+ dropout) per hidden width, then an optional linear output layer."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: list[int],
+        out_dim: int | None = None,
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), ACTIVATIONS[activation]()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            in_dim = width
+        if out_dim is not None:
+            layers.append(nn.Linear(in_dim, out_dim))
+        super().__init__(*layers)
+        self.out_dim = out_dim if out_dim is not None else in_dim
+
+
+class CrossNetV2(nn.Module):
+    """DCN-v2 full-rank cross network: x_{l+1} = x0 * (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, dim: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class FactorizationMachine(nn.Module):
+    """Pairwise FM term by the sum-square trick: fields `[B, F, D]` -> `[B, 1]`."""
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        square_of_sum = fields.sum(1).pow(2)
+        sum_of_squares = fields.pow(2).sum(1)
+        return 0.5 * (square_of_sum - sum_of_squares).sum(1, keepdim=True)
+
+
+class FirstOrder(nn.Module):
+    """Linear part: a learned scalar per id and output summed over fields, plus a linear map of dense."""
+
+    def __init__(self, schema: Schema, out_dim: int) -> None:
+        super().__init__()
+        # The per-id weights are embedding tables of width out_dim, so they shard like any table.
+        scalar_schema = Schema(
+            features=[f.model_copy(update={"embedding_dim": out_dim}) if f.is_id else f
+                      for f in schema.features],
+            labels=schema.labels,
+        )
+        self.weights = FeatureEmbedding(scalar_schema)
+        num_dense = len(schema.dense_features)
+        self.dense = nn.Linear(num_dense, out_dim, bias=False) if num_dense else None
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = sum(self.weights.fields(batch.sparse), self.bias.expand(len(batch), -1))
+        return out + self.dense(batch.dense) if self.dense is not None else out
