@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -121,12 +120,6 @@ class Schema(BaseModel):
             if f.name == name:
                 return f
         raise KeyError(f"no feature named {name!r}; features are {[f.name for f in self.features]}")
-
-    def arrow_schema(self) -> pa.Schema:
-        """The Arrow types a data file must have (an id feature may be int64 or list<int64>)."""
-        fields = [pa.field(f.name, pa.float32() if f.kind == "dense" else (
-            pa.list_(pa.int64()) if f.kind == "sequence" else pa.int64())) for f in self.features]
-        return pa.schema(fields + [pa.field(lab, pa.float32()) for lab in self.labels])
 
     # --- YAML -----------------------------------------------------------------------------------
     @classmethod

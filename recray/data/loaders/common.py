@@ -26,23 +26,26 @@ def need_file(path: Path, data_set: str) -> Path:
     return path
 
 
-def encode(values: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, int]:
+def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
     """Values -> dense ids 1..n in sorted value order, 0 for null; returns (ids, vocab_size n+1)."""
-    values = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
     vocab = pc.unique(values.drop_null())
     vocab = vocab.take(pc.sort_indices(vocab))
     ids = pc.fill_null(pc.index_in(values, value_set=vocab), -1)
     return _to_numpy(ids).astype(np.int64) + 1, len(vocab) + 1
 
 
-def lookup(key_ids: np.ndarray, values: np.ndarray, vocab_size: int, query_ids: np.ndarray) -> np.ndarray:
+def lookup(
+    key_ids: np.ndarray, values: np.ndarray, vocab_size: int, query_ids: np.ndarray
+) -> np.ndarray:
     """`values[i]` belongs to key `key_ids[i]`; return the value of each query key, 0 where absent."""
     table = np.zeros(vocab_size, dtype=values.dtype)
     table[key_ids] = values
     return table[query_ids]
 
 
-def take_lists(key_ids: np.ndarray, lists: pa.ListArray, vocab_size: int, query_ids: np.ndarray) -> pa.Array:
+def take_lists(
+    key_ids: np.ndarray, lists: pa.ListArray, vocab_size: int, query_ids: np.ndarray
+) -> pa.Array:
     """Like `lookup` for a list column: the list of each query key, empty where absent."""
     row_of_key = np.full(vocab_size, len(lists), dtype=np.int64)  # points at an appended empty list
     row_of_key[key_ids] = np.arange(len(lists))
@@ -51,10 +54,19 @@ def take_lists(key_ids: np.ndarray, lists: pa.ListArray, vocab_size: int, query_
 
 
 def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int64)))
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"a list column would hold {offsets[-1]} values, more than list<int64> offsets can "
+            "address; lower max_history or prepare the data in parts"
+        )
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int64))
+    )
 
 
-def split_int_lists(strings: pa.Array | pa.ChunkedArray, sep: str = ",", shift: int = 0) -> pa.ListArray:
+def split_int_lists(
+    strings: pa.Array | pa.ChunkedArray, sep: str = ",", shift: int = 0
+) -> pa.ListArray:
     """'12,65' -> [12 + shift, 65 + shift]; an empty or null string -> []."""
     strings = pc.fill_null(strings, "")
     if isinstance(strings, pa.ChunkedArray):
@@ -99,7 +111,9 @@ def history(
     return offsets, order[np.repeat(start, lengths) + within]
 
 
-def random_split(n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> np.ndarray:
+def random_split(
+    n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> np.ndarray:
     """Split code (0 train, 1 valid, 2 test) per row, split sizes exactly as rounded fractions."""
     cuts = np.round(np.cumsum(fractions)[:2] * n).astype(np.int64)
     codes = np.empty(n, dtype=np.int8)
@@ -122,7 +136,9 @@ def fixed_split(split_files: Sequence[str | Path], keys: pa.Table) -> np.ndarray
     number in the interaction log); `keys` holds the data's values of whichever it has.
     """
     if len(split_files) != len(SPLITS):
-        raise ValueError(f"split_files: expected {len(SPLITS)} files (train, valid, test), got {len(split_files)}")
+        raise ValueError(
+            f"split_files: expected {len(SPLITS)} files (train, valid, test), got {len(split_files)}"
+        )
     codes = np.full(keys.num_rows, DROPPED, dtype=np.int8)
     named = np.zeros(keys.num_rows, dtype=np.int64)
     data = keys.append_column("_data_row", pa.array(np.arange(keys.num_rows)))
@@ -142,7 +158,9 @@ def fixed_split(split_files: Sequence[str | Path], keys: pa.Table) -> np.ndarray
         codes[rows] = code
         named[rows] += 1
     if (named > 1).any():
-        raise ValueError(f"split_files: {int((named > 1).sum())} data rows are named in more than one file")
+        raise ValueError(
+            f"split_files: {int((named > 1).sum())} data rows are named in more than one file"
+        )
     return codes
 
 
@@ -150,11 +168,15 @@ def _split_key_columns(path: Path, columns: list[str], available: list[str]) -> 
     for on in (list(SPLIT_KEYS), [ROW_KEY]):
         if set(on) <= set(columns) and set(on) <= set(available):
             return on
-    accepted = " or ".join(repr(",".join(on)) for on in (SPLIT_KEYS, [ROW_KEY]) if set(on) <= set(available))
+    accepted = " or ".join(
+        repr(",".join(on)) for on in (SPLIT_KEYS, [ROW_KEY]) if set(on) <= set(available)
+    )
     raise ValueError(f"split file {path}: columns {columns}, expected {accepted}")
 
 
-def split_codes(keys: pa.Table, split_files: Sequence[str | Path] | None, default: np.ndarray) -> np.ndarray:
+def split_codes(
+    keys: pa.Table, split_files: Sequence[str | Path] | None, default: np.ndarray
+) -> np.ndarray:
     return default if split_files is None else fixed_split(split_files, keys)
 
 
@@ -169,7 +191,14 @@ def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.nd
     names = [f.name for f in schema.features] + list(schema.labels)
     extras = [c for c in table.column_names if c not in names]
     table = table.select(names + extras)
-    table = table.cast(pa.schema([pa.field(c, _storage_type(schema, c, table.schema.field(c).type)) for c in table.column_names]))
+    table = table.cast(
+        pa.schema(
+            [
+                pa.field(c, _storage_type(schema, c, table.schema.field(c).type))
+                for c in table.column_names
+            ]
+        )
+    )
     check_columns(table.schema, schema, source=str(out))
     mask = pa.array(codes)
     for code, split in enumerate(SPLITS):
@@ -190,4 +219,6 @@ def _storage_type(schema: Schema, column: str, current: pa.DataType) -> pa.DataT
 
 
 def _to_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy())
+    return np.asarray(
+        values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy()
+    )

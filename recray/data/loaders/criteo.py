@@ -31,11 +31,15 @@ def hex_ids(column: pa.Array | pa.ChunkedArray, name: str = "column") -> np.ndar
     too_long = pc.greater(pc.utf8_length(strings), HEX_WIDTH)
     if pc.any(too_long).as_py():
         bad = strings.filter(too_long)[0].as_py()
-        raise ValueError(f"criteo: column {name!r} has {bad!r}, expected at most {HEX_WIDTH} hex digits")
+        raise ValueError(
+            f"criteo: column {name!r} has {bad!r}, expected at most {HEX_WIDTH} hex digits"
+        )
     # left-padding with zeros makes every value exactly 8 bytes, so the bytes form a [n, 8] matrix
     fixed = pc.utf8_lpad(strings, width=HEX_WIDTH, padding="0").cast(pa.binary(HEX_WIDTH))
     data = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)
-    digits = data[fixed.offset * HEX_WIDTH : (fixed.offset + len(fixed)) * HEX_WIDTH].reshape(-1, HEX_WIDTH)
+    digits = data[fixed.offset * HEX_WIDTH : (fixed.offset + len(fixed)) * HEX_WIDTH].reshape(
+        -1, HEX_WIDTH
+    )
     nibbles = _NIBBLE[digits]
     if (nibbles == 255).any():
         bad = strings[int(np.nonzero((nibbles == 255).any(axis=1))[0][0])].as_py()
@@ -66,7 +70,9 @@ def prepare_criteo(
         read_options=pcsv.ReadOptions(column_names=["label", *DENSE, *CATEGORICAL]),
         parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False),
         convert_options=pcsv.ConvertOptions(
-            column_types={"label": pa.float32()} | dict.fromkeys(DENSE, pa.int64()) | dict.fromkeys(CATEGORICAL, pa.string()),
+            column_types={"label": pa.float32()}
+            | dict.fromkeys(DENSE, pa.int64())
+            | dict.fromkeys(CATEGORICAL, pa.string()),
             strings_can_be_null=True,
         ),
     )
@@ -76,14 +82,19 @@ def prepare_criteo(
     for name in CATEGORICAL:
         columns[name] = hex_ids(raw.column(name), name)
     if raw.column("label").null_count:
-        raise ValueError(f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows")
+        raise ValueError(
+            f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows"
+        )
     columns["label"] = raw.column("label").to_numpy()
     columns[ROW_KEY] = np.arange(raw.num_rows)
     table = pa.table(columns)
 
-    schema = Schema(features=[Feature(name=n, kind="dense") for n in DENSE] + [
-        Feature(name=n, kind="sparse", hash_buckets=hash_buckets, embedding_dim=embedding_dim)
-        for n in CATEGORICAL
-    ])
+    schema = Schema(
+        features=[Feature(name=n, kind="dense") for n in DENSE]
+        + [
+            Feature(name=n, kind="sparse", hash_buckets=hash_buckets, embedding_dim=embedding_dim)
+            for n in CATEGORICAL
+        ]
+    )
     codes = split_codes(table.select([ROW_KEY]), split_files, random_split(table.num_rows, seed))
     return write_dataset(out, schema, table, codes)

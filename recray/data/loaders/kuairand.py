@@ -63,11 +63,16 @@ def _log_files(src: Path, pattern: str) -> list[Path]:
         found = sorted(folder.glob(pattern))
         if found:
             return found
-    raise FileNotFoundError(f"kuairand: no log file matching {pattern!r} in {src} or {src / 'data'}")
+    raise FileNotFoundError(
+        f"kuairand: no log file matching {pattern!r} in {src} or {src / 'data'}"
+    )
 
 
 def _feature_file(src: Path, name: str) -> Path:
-    return src / name if (src / name).is_file() or not (src / "data" / name).is_file() else src / "data" / name
+    for folder in (src, src / "data"):
+        if (folder / name).is_file():
+            return folder / name
+    return src / name  # missing: the reader names it
 
 
 def prepare_kuairand(
@@ -88,8 +93,14 @@ def prepare_kuairand(
     """
     src = Path(src)
     logs = [_read(path, LOG_COLUMNS, strings=["tab"]) for path in _log_files(src, log_pattern)]
-    log = pa.concat_tables([t.select(LOG_COLUMNS).cast(logs[0].select(LOG_COLUMNS).schema) for t in logs])
-    users = _read(_feature_file(src, "user_features_pure.csv"), ["user_id", *USER_CATEGORICAL], strings=USER_CATEGORICAL)
+    log = pa.concat_tables(
+        [t.select(LOG_COLUMNS).cast(logs[0].select(LOG_COLUMNS).schema) for t in logs]
+    )
+    users = _read(
+        _feature_file(src, "user_features_pure.csv"),
+        ["user_id", *USER_CATEGORICAL],
+        strings=USER_CATEGORICAL,
+    )
     videos = _read(
         _feature_file(src, "video_features_basic_pure.csv"),
         ["video_id", *VIDEO_CATEGORICAL, "video_duration", "tag"],
@@ -97,8 +108,12 @@ def prepare_kuairand(
     )
 
     n = log.num_rows
-    user_ids, user_vocab = encode(pa.chunked_array([log.column("user_id"), users.column("user_id")], pa.int64()))
-    video_ids, video_vocab = encode(pa.chunked_array([log.column("video_id"), videos.column("video_id")], pa.int64()))
+    user_ids, user_vocab = encode(
+        pa.chunked_array([log.column("user_id"), users.column("user_id")], pa.int64())
+    )
+    video_ids, video_vocab = encode(
+        pa.chunked_array([log.column("video_id"), videos.column("video_id")], pa.int64())
+    )
     user, user_key = user_ids[:n], user_ids[n:]
     video, video_key = video_ids[:n], video_ids[n:]
     time = log.column("time_ms").to_numpy()
@@ -106,7 +121,10 @@ def prepare_kuairand(
 
     columns: dict[str, np.ndarray | pa.Array] = {"user_id": user, "video_id": video, "tab": tab}
     vocab = {"user_id": user_vocab, "video_id": video_vocab, "tab": tab_vocab}
-    sides = ((users, user_key, USER_CATEGORICAL, user, user_vocab), (videos, video_key, VIDEO_CATEGORICAL, video, video_vocab))
+    sides = (
+        (users, user_key, USER_CATEGORICAL, user, user_vocab),
+        (videos, video_key, VIDEO_CATEGORICAL, video, video_vocab),
+    )
     for table, key, names, rows, key_vocab in sides:
         for name in names:
             ids, vocab[name] = encode(table.column(name))
@@ -114,8 +132,11 @@ def prepare_kuairand(
     tags = split_int_lists(videos.column("tag"), shift=1)  # raw tags start at 0; 0 stays padding
     columns["tag"] = take_lists(video_key, tags, video_vocab, video)
     vocab["tag"] = int(pc.max(tags.flatten()).as_py() or 0) + 1
+    # durations span 1 s to hours: the log keeps them on one scale
     duration = pc.fill_null(videos.column("video_duration"), 0).cast(pa.float64()).to_numpy()
-    columns["video_duration"] = np.log1p(np.maximum(lookup(video_key, duration, video_vocab, video), 0))
+    columns["video_duration"] = np.log1p(
+        np.maximum(lookup(video_key, duration, video_vocab, video), 0)
+    )
 
     clicked = pc.fill_null(log.column("is_click"), 0).to_numpy().astype(bool)
     offsets, events = history(user[clicked], time[clicked], user, time, max_history)
@@ -128,20 +149,36 @@ def prepare_kuairand(
     dim = embedding_dim
     sparse = ["user_id", "video_id", "tab", *USER_CATEGORICAL, *VIDEO_CATEGORICAL]
     schema = Schema(
-        features=[Feature(name=name, kind="sparse", vocab_size=vocab[name], embedding_dim=dim) for name in sparse]
+        features=[
+            Feature(name=name, kind="sparse", vocab_size=vocab[name], embedding_dim=dim)
+            for name in sparse
+        ]
         + [
-            Feature(name="tag", kind="sparse", vocab_size=vocab["tag"], embedding_dim=dim, pooling="mean"),
+            Feature(
+                name="tag",
+                kind="sparse",
+                vocab_size=vocab["tag"],
+                embedding_dim=dim,
+                pooling="mean",
+            ),
             Feature(name="video_duration", kind="dense"),
-            Feature(name="history", kind="sequence", vocab_size=video_vocab, embedding_dim=dim, table="video_id"),
+            Feature(
+                name="history",
+                kind="sequence",
+                vocab_size=video_vocab,
+                embedding_dim=dim,
+                table="video_id",
+            ),
         ],
         labels=list(LABELS),
     )
-    keys = pa.table({
-        "user_id": log.column("user_id"),
-        "item_id": log.column("video_id"),
-        "timestamp": time,
-        ROW_KEY: np.arange(n),
-    })
+    keys = pa.table(
+        {
+            "user_id": log.column("user_id"),
+            "item_id": log.column("video_id"),
+            "timestamp": time,
+            ROW_KEY: np.arange(n),
+        }
+    )
     codes = split_codes(keys, split_files, time_split(time))
     return write_dataset(out, schema, pa.table(columns), codes)
-

@@ -30,7 +30,13 @@ N_GENRES = 19
 AGE_BOUNDS = [18, 25, 35, 45, 50, 56]
 
 
-def _read(path: Path, names: list[str], delimiter: str, types: dict[str, pa.DataType], encoding: str = "utf8") -> pa.Table:
+def _read(
+    path: Path,
+    names: list[str],
+    delimiter: str,
+    types: dict[str, pa.DataType],
+    encoding: str = "utf8",
+) -> pa.Table:
     return pcsv.read_csv(
         need_file(path, "movielens-100k"),
         read_options=pcsv.ReadOptions(column_names=names, encoding=encoding),
@@ -60,7 +66,9 @@ def prepare_movielens(
         {"release_date": pa.string(), "video_release_date": pa.string(), "url": pa.string()},
         encoding="latin-1",
     )
-    users = _read(src / "u.user", ["user_id", "age", "gender", "occupation", "zip"], "|", {"zip": pa.string()})
+    users = _read(
+        src / "u.user", ["user_id", "age", "gender", "occupation", "zip"], "|", {"zip": pa.string()}
+    )
 
     user = ratings.column("user_id").to_numpy()
     item = ratings.column("item_id").to_numpy()
@@ -86,32 +94,50 @@ def prepare_movielens(
 
     # every rating (3s and other splits too) is behaviour the user showed before the impression
     offsets, events = history(user, time, user, time, max_history)
-    table = pa.table({
-        "user_id": user,
-        "item_id": item,
-        "age": lookup(user_key, age, user_vocab, user),
-        "gender": lookup(user_key, gender, user_vocab, user),
-        "occupation": lookup(user_key, occupation, user_vocab, user),
-        "release_year": lookup(item_key, year_id, item_vocab, item),
-        "genres": take_lists(item_key, genres, item_vocab, item),
-        "history": list_array(offsets, item[events]),
-        "label": (rating >= 4).astype(np.float32),
-        "timestamp": time,
-        ROW_KEY: np.arange(len(user)),
-    })
+    table = pa.table(
+        {
+            "user_id": user,
+            "item_id": item,
+            "age": lookup(user_key, age, user_vocab, user),
+            "gender": lookup(user_key, gender, user_vocab, user),
+            "occupation": lookup(user_key, occupation, user_vocab, user),
+            "release_year": lookup(item_key, year_id, item_vocab, item),
+            "genres": take_lists(item_key, genres, item_vocab, item),
+            "history": list_array(offsets, item[events]),
+            "label": (rating >= 4).astype(np.float32),
+            "timestamp": time,
+            ROW_KEY: np.arange(len(user)),
+        }
+    )
     table = table.filter(pa.array(rating != 3))
 
     dim = embedding_dim
-    schema = Schema(features=[
-        Feature(name="user_id", kind="sparse", vocab_size=user_vocab, embedding_dim=dim),
-        Feature(name="item_id", kind="sparse", vocab_size=item_vocab, embedding_dim=dim),
-        Feature(name="age", kind="sparse", vocab_size=len(AGE_BOUNDS) + 2, embedding_dim=dim),
-        Feature(name="gender", kind="sparse", vocab_size=gender_vocab, embedding_dim=dim),
-        Feature(name="occupation", kind="sparse", vocab_size=occupation_vocab, embedding_dim=dim),
-        Feature(name="release_year", kind="sparse", vocab_size=year_vocab, embedding_dim=dim),
-        Feature(name="genres", kind="sparse", vocab_size=N_GENRES + 1, embedding_dim=dim, pooling="mean"),
-        Feature(name="history", kind="sequence", vocab_size=item_vocab, embedding_dim=dim, table="item_id"),
-    ])
+    schema = Schema(
+        features=[
+            Feature(name="user_id", kind="sparse", vocab_size=user_vocab, embedding_dim=dim),
+            Feature(name="item_id", kind="sparse", vocab_size=item_vocab, embedding_dim=dim),
+            Feature(name="age", kind="sparse", vocab_size=len(AGE_BOUNDS) + 2, embedding_dim=dim),
+            Feature(name="gender", kind="sparse", vocab_size=gender_vocab, embedding_dim=dim),
+            Feature(
+                name="occupation", kind="sparse", vocab_size=occupation_vocab, embedding_dim=dim
+            ),
+            Feature(name="release_year", kind="sparse", vocab_size=year_vocab, embedding_dim=dim),
+            Feature(
+                name="genres",
+                kind="sparse",
+                vocab_size=N_GENRES + 1,
+                embedding_dim=dim,
+                pooling="mean",
+            ),
+            Feature(
+                name="history",
+                kind="sequence",
+                vocab_size=item_vocab,
+                embedding_dim=dim,
+                table="item_id",
+            ),
+        ]
+    )
     keys = table.select(["user_id", "item_id", "timestamp", ROW_KEY])
     codes = split_codes(keys, split_files, random_split(table.num_rows, seed))
     return write_dataset(out, schema, table, codes)

@@ -45,7 +45,9 @@ def prepare_taobao(
     Ids are re-indexed densely (1..n in sorted raw order, 0 unused).
     """
     if not 0 <= min_history <= max_history:
-        raise ValueError(f"taobao: min_history={min_history}, expected 0 <= min_history <= max_history={max_history}")
+        raise ValueError(
+            f"taobao: min_history={min_history}, expected 0 <= min_history <= max_history={max_history}"
+        )
     src = Path(src)
     path = need_file(src / "UserBehavior.csv" if src.is_dir() else src, "taobao")
     raw = pcsv.read_csv(
@@ -61,27 +63,32 @@ def prepare_taobao(
     category_of_item = np.zeros(item_vocab, dtype=np.int64)
     category_of_item[item] = category  # an item's category is fixed; the last row wins if not
 
-    clicks = np.nonzero(pc.equal(raw.column("behavior_type"), "pv").to_numpy(zero_copy_only=False))[0]
+    is_click = pc.equal(raw.column("behavior_type"), "pv").to_numpy()
+    clicks = np.flatnonzero(is_click)
     user, item, category = user[clicks], item[clicks], category[clicks]
     time = raw.column("timestamp").to_numpy()[clicks]
     offsets, events = history(user, time, user, time, max_history)
-    keys = pa.table({
-        "user_id": raw.column("user_id").take(clicks),
-        "item_id": raw.column("item_id").take(clicks),
-        "timestamp": time,
-        ROW_KEY: clicks,
-    })
+    keys = pa.table(
+        {
+            "user_id": raw.column("user_id").take(clicks),
+            "item_id": raw.column("item_id").take(clicks),
+            "timestamp": time,
+            ROW_KEY: clicks,
+        }
+    )
     codes = split_codes(keys, split_files, time_split(time))
     kept = np.nonzero((np.diff(offsets) >= min_history) & (codes != DROPPED))[0]
-    positives = pa.table({
-        "user_id": user,
-        "item_id": item,
-        "category_id": category,
-        "history": list_array(offsets, item[events]),
-        "history_category": list_array(offsets, category[events]),
-        "timestamp": time,
-        ROW_KEY: clicks,
-    }).take(kept)
+    positives = pa.table(
+        {
+            "user_id": user,
+            "item_id": item,
+            "category_id": category,
+            "history": list_array(offsets, item[events]),
+            "history_category": list_array(offsets, category[events]),
+            "timestamp": time,
+            ROW_KEY: clicks,
+        }
+    ).take(kept)
 
     # each positive is followed by its negatives
     group = 1 + negatives
@@ -95,24 +102,44 @@ def prepare_taobao(
     samples = samples.append_column("label", pa.array((~is_negative).astype(np.float32)))
 
     dim = embedding_dim
-    schema = Schema(features=[
-        Feature(name="user_id", kind="sparse", vocab_size=user_vocab, embedding_dim=dim),
-        Feature(name="item_id", kind="sparse", vocab_size=item_vocab, embedding_dim=dim),
-        Feature(name="category_id", kind="sparse", vocab_size=category_vocab, embedding_dim=dim),
-        Feature(name="history", kind="sequence", vocab_size=item_vocab, embedding_dim=dim, table="item_id"),
-        Feature(
-            name="history_category", kind="sequence", vocab_size=category_vocab, embedding_dim=dim, table="category_id"
-        ),
-    ])
+    schema = Schema(
+        features=[
+            Feature(name="user_id", kind="sparse", vocab_size=user_vocab, embedding_dim=dim),
+            Feature(name="item_id", kind="sparse", vocab_size=item_vocab, embedding_dim=dim),
+            Feature(
+                name="category_id", kind="sparse", vocab_size=category_vocab, embedding_dim=dim
+            ),
+            Feature(
+                name="history",
+                kind="sequence",
+                vocab_size=item_vocab,
+                embedding_dim=dim,
+                table="item_id",
+            ),
+            Feature(
+                name="history_category",
+                kind="sequence",
+                vocab_size=category_vocab,
+                embedding_dim=dim,
+                table="category_id",
+            ),
+        ]
+    )
     return write_dataset(out, schema, samples, codes[kept][rows])
 
 
-def _sample_negatives(clicked: np.ndarray, positives: np.ndarray, negatives: int, seed: int) -> np.ndarray:
+def _sample_negatives(
+    clicked: np.ndarray, positives: np.ndarray, negatives: int, seed: int
+) -> np.ndarray:
     """[n_positives, negatives] items drawn uniformly from the clicked items, never the positive."""
     pool = np.unique(clicked)
     if negatives and len(positives) and len(pool) < 2:
-        raise ValueError(f"taobao: negatives={negatives} needs at least 2 clicked items, found {len(pool)}")
+        raise ValueError(
+            f"taobao: negatives={negatives} needs at least 2 clicked items, found {len(pool)}"
+        )
     # draw from the pool minus one slot, then step over the positive's own slot
-    draws = np.random.default_rng(seed).integers(0, max(len(pool) - 1, 1), size=(len(positives), negatives))
+    draws = np.random.default_rng(seed).integers(
+        0, max(len(pool) - 1, 1), size=(len(positives), negatives)
+    )
     draws += draws >= np.searchsorted(pool, positives)[:, None]
     return pool[draws]

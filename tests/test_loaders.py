@@ -1,0 +1,535 @@
+"""Raw-format loaders: labels, splits, leak-free histories, id ranges, on fixtures written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recray.data.jagged import to_batch
+from recray.data.loaders import LOADERS, prepare
+from recray.data.loaders.common import history
+from recray.data.schema import Schema
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_splits(out: Path) -> dict[str, pa.Table]:
+    return {split: pq.read_table(out / f"{split}.parquet") for split in SPLITS}
+
+
+def brute_force_history(user, time, item, row_user, row_time, max_len, clicked=None):
+    """The user's items strictly before `row_time`, in (time, file order), the last `max_len`."""
+    mask = (user == row_user) & (time < row_time)
+    if clicked is not None:
+        mask &= clicked
+    earlier = np.nonzero(mask)[0]
+    earlier = earlier[np.argsort(time[earlier], kind="stable")]
+    return item[earlier][len(earlier) - min(len(earlier), max_len) :].tolist()
+
+
+# --- MovieLens fixture --------------------------------------------------------------------------
+def write_movielens(root: Path, n_ratings: int = 600, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    items = np.array([*range(1, 41), 267])
+    user = rng.integers(1, 31, n_ratings)
+    item = rng.choice(items, n_ratings)
+    rating = rng.integers(1, 6, n_ratings)
+    time = 880_000_000 + rng.integers(0, 60, n_ratings)  # few distinct seconds: many ties
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "u.data").write_text(
+        "".join(
+            f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in zip(user, item, rating, time, strict=True)
+        )
+    )
+    lines = []
+    for i in items:
+        flags = ["0"] * 19
+        flags[int(i) % 19] = "1"
+        flags[(int(i) * 7) % 19] = "1"
+        title, date = (f'Film "{i}" (1995)', f"01-Jan-{1950 + int(i)}")
+        if i == 5:
+            title = "Misérables, Les (1995)"
+        if i == 267:
+            title, date, flags = "unknown", "", ["1"] + ["0"] * 18
+        lines.append(f"{i}|{title}|{date}||http://x/{i}|" + "|".join(flags) + "\n")
+    (root / "u.item").write_bytes("".join(lines).encode("latin-1"))
+    occupations = ["writer", "artist", "doctor"]
+    (root / "u.user").write_text(
+        "".join(
+            f"{u}|{10 + 2 * u}|{'MF'[u % 2]}|{occupations[u % 3]}|{'T8H1N' if u == 7 else 10000 + u}\n"
+            for u in range(1, 31)
+        )
+    )
+    return {"user": user, "item": item, "rating": rating, "time": time}
+
+
+@pytest.fixture
+def movielens(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    raw = write_movielens(tmp_path / "ml")
+    return tmp_path / "ml", raw
+
+
+def test_movielens_drops_rating_three_and_labels_the_rest(movielens, tmp_path):
+    src, raw = movielens
+    tables = read_splits(prepare("movielens-100k", src, tmp_path / "out"))
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables.values()])
+    assert len(labels) == int((raw["rating"] != 3).sum())
+    assert labels.sum() == int((raw["rating"] >= 4).sum())
+    rows = np.concatenate([t.column("row").to_numpy() for t in tables.values()])
+    assert (raw["rating"][rows] != 3).all()
+    np.testing.assert_array_equal(labels, (raw["rating"][rows] >= 4).astype(np.float32))
+
+
+def test_random_split_is_8_1_1_disjoint_and_seeded(movielens, tmp_path):
+    src, raw = movielens
+    first = read_splits(prepare("movielens-100k", src, tmp_path / "a", seed=3))
+    again = read_splits(prepare("movielens-100k", src, tmp_path / "b", seed=3))
+    other = read_splits(prepare("movielens-100k", src, tmp_path / "c", seed=4))
+    n = int((raw["rating"] != 3).sum())
+    sizes = [first[s].num_rows for s in SPLITS]
+    assert sizes == [round(0.8 * n), round(0.9 * n) - round(0.8 * n), n - round(0.9 * n)]
+    rows = [set(first[s].column("row").to_pylist()) for s in SPLITS]
+    assert sum(map(len, rows)) == n and len(set.union(*rows)) == n
+    assert all(first[s].equals(again[s]) for s in SPLITS)
+    assert not first["test"].equals(other["test"])
+
+
+def test_movielens_history_is_strictly_earlier_ratings_most_recent_last(movielens, tmp_path):
+    src, raw = movielens
+    tables = read_splits(prepare("movielens-100k", src, tmp_path / "out", max_history=5))
+    for table in tables.values():
+        histories = table.column("history").to_pylist()
+        assert max(map(len, histories)) == 5
+        for u, t, h in zip(
+            table.column("user_id").to_numpy(),
+            table.column("timestamp").to_numpy(),
+            histories,
+            strict=True,
+        ):
+            # all ratings count, 3s and rows of other splits included
+            assert h == brute_force_history(raw["user"], raw["time"], raw["item"], u, t, 5)
+
+
+def test_history_of_a_user_without_events_is_empty():
+    offsets, events = history(
+        np.array([1, 1, 2]),
+        np.array([5, 6, 5]),
+        np.array([1, 3, 2, 1]),
+        np.array([6, 9, 5, 100]),
+        10,
+    )
+    assert np.diff(offsets).tolist() == [1, 0, 0, 2]
+    assert events.tolist() == [0, 0, 1]
+
+
+def test_movielens_reads_latin1_titles_and_the_item_without_a_date(movielens, tmp_path):
+    src, raw = movielens
+    out = prepare("movielens-100k", src, tmp_path / "out")
+    schema = Schema.load(out)
+    assert schema.feature("item_id").vocab_size == 268
+    assert schema.feature("history").table == "item_id"
+    table = pa.concat_tables(read_splits(out).values())
+    item = table.column("item_id").to_numpy()
+    year = table.column("release_year").to_numpy()
+    assert (year[item == 267] == 0).all() and (year[item != 267] > 0).all()
+    genres = table.column("genres").to_pylist()
+    assert all(g == [1] for g, i in zip(genres, item, strict=True) if i == 267)
+    assert table.column("age").to_numpy().min() >= 1
+
+
+# --- split files ----------------------------------------------------------------------------
+def write_split_files(root: Path, keys: list[dict[str, np.ndarray]]) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, columns in zip(SPLITS, keys, strict=True):
+        path = root / f"{split}.csv"
+        names = list(columns)
+        rows = zip(*(columns[c] for c in names), strict=True)
+        path.write_text(
+            ",".join(names) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
+        )
+        paths.append(path)
+    return paths
+
+
+def test_split_files_put_exactly_the_named_rows_in_each_split(movielens, tmp_path):
+    src, raw = movielens
+    # only keys that name one row, so that "these rows" is well defined
+    _, first, inverse, counts = np.unique(
+        np.stack([raw["user"], raw["item"], raw["time"]]),
+        axis=1,
+        return_index=True,
+        return_inverse=True,
+        return_counts=True,
+    )
+    unique = (counts[inverse] == 1) & (raw["rating"] != 3)
+    chosen = np.random.default_rng(1).permutation(np.nonzero(unique)[0])[:60]
+    parts = [chosen[:40], chosen[40:50], chosen[50:]]
+    keys = [
+        {"user_id": raw["user"][p], "item_id": raw["item"][p], "timestamp": raw["time"][p]}
+        for p in parts
+    ]
+    tables = read_splits(
+        prepare(
+            "movielens-100k",
+            src,
+            tmp_path / "out",
+            split_files=write_split_files(tmp_path / "s", keys),
+        )
+    )
+    for split, part in zip(SPLITS, parts, strict=True):
+        got = {
+            tuple(r.values())
+            for r in tables[split].select(["user_id", "item_id", "timestamp"]).to_pylist()
+        }
+        assert got == set(zip(raw["user"][part], raw["item"][part], raw["time"][part], strict=True))
+        assert tables[split].num_rows == len(part)
+
+
+def test_split_file_naming_an_unknown_row_is_an_error(movielens, tmp_path):
+    src, raw = movielens
+    first = np.nonzero(raw["rating"] != 3)[0][:1]
+    keys = [
+        {
+            "user_id": raw["user"][first],
+            "item_id": raw["item"][first],
+            "timestamp": raw["time"][first],
+        },
+        {"user_id": [999, 998], "item_id": [1, 1], "timestamp": [0, 0]},
+        {"user_id": [], "item_id": [], "timestamp": []},
+    ]
+    files = write_split_files(tmp_path / "s", keys)
+    with pytest.raises(ValueError, match=r"valid\.csv: 2 of 2 rows not found"):
+        prepare("movielens-100k", src, tmp_path / "out", split_files=files)
+
+
+def test_split_files_by_row_number_for_criteo(tmp_path):
+    src = write_criteo(tmp_path / "criteo.txt")
+    parts = [np.array([0, 2, 3]), np.array([1]), np.array([4])]
+    files = write_split_files(tmp_path / "s", [{"row": p} for p in parts])
+    tables = read_splits(prepare("criteo", src, tmp_path / "out", split_files=files))
+    assert [t.column("row").to_pylist() for t in tables.values()] == [p.tolist() for p in parts]
+    with pytest.raises(ValueError, match="more than one file"):
+        prepare(
+            "criteo",
+            src,
+            tmp_path / "o2",
+            split_files=write_split_files(tmp_path / "t", [{"row": [0]}] * 3),
+        )
+    bad = write_split_files(
+        tmp_path / "u", [{"user_id": [1], "item_id": [1], "timestamp": [1]}] * 3
+    )
+    with pytest.raises(ValueError, match="expected 'row'"):
+        prepare("criteo", src, tmp_path / "o3", split_files=bad)
+
+
+# --- Criteo -------------------------------------------------------------------------------------
+CRITEO_LINES = [
+    ["1", "5", "-1", "", "0", *[""] * 9, "68fd1e64", "80E26C9B", *["0000000a"] * 24],
+    ["0", *["3"] * 13, "ffffffff", *[""] * 25],  # the empty trailing fields end the line in tabs
+    ["0", "", "-3", *["100"] * 11, *["deadbeef"] * 26],
+    ["1", *["0"] * 13, *["00000001"] * 25, ""],
+    ["0", *["7"] * 13, *["12345678"] * 26],
+]
+
+
+def write_criteo(path: Path) -> Path:
+    path.write_text("".join("\t".join(line) + "\n" for line in CRITEO_LINES))
+    return path
+
+
+def test_criteo_parses_empty_fields_trailing_tabs_and_negative_integers(tmp_path):
+    src = write_criteo(tmp_path / "criteo.txt")
+    assert src.read_text().splitlines()[1].endswith("\t\t")
+    out = prepare(
+        "criteo",
+        src,
+        tmp_path / "out",
+        split_files=write_split_files(
+            tmp_path / "s", [{"row": [0, 1, 2, 3, 4]}, {"row": []}, {"row": []}]
+        ),
+    )
+    table = read_splits(out)["train"]
+    assert table.column("label").to_pylist() == [1, 0, 0, 1, 0]
+    assert table.column("I1").to_pylist() == pytest.approx(
+        [np.log1p(5), np.log1p(3), 0, 0, np.log1p(7)]
+    )
+    assert table.column("I2").to_pylist() == pytest.approx([-1, np.log1p(3), -3, 0, np.log1p(7)])
+    assert table.column("I3").to_pylist()[0] == 0  # empty
+    for c in range(26):
+        expected = [int(line[14 + c], 16) if line[14 + c] else 0 for line in CRITEO_LINES]
+        assert table.column(f"C{c + 1}").to_pylist() == expected
+    assert Schema.load(out).feature("C1").hash_buckets == 100_003
+
+
+def test_criteo_hex_ids_match_python_on_the_real_sample(shared_data, tmp_path):
+    src = shared_data / "criteo" / "train_sample.txt"
+    lines = [line.split("\t") for line in src.read_text().splitlines()]
+    files = write_split_files(
+        tmp_path / "s", [{"row": range(len(lines))}, {"row": []}, {"row": []}]
+    )
+    table = read_splits(prepare("criteo", src, tmp_path / "out", split_files=files))["train"]
+    assert table.num_rows == len(lines) == 50
+    for c in range(26):
+        assert table.column(f"C{c + 1}").to_pylist() == [int(x[14 + c] or "0", 16) for x in lines]
+    assert table.column("label").to_pylist() == [float(x[0]) for x in lines]
+
+
+# --- Taobao -------------------------------------------------------------------------------------
+def write_taobao(path: Path, n: int = 800, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    user = np.sort(rng.integers(100, 120, n))  # grouped by user, as the real file is
+    item = rng.integers(5000, 5060, n)
+    category = item % 7 * 1000 + 3
+    behavior = rng.choice(np.array(["pv", "pv", "pv", "buy", "cart", "fav"]), n)
+    time = 1_511_500_000 + rng.integers(0, 200, n) * 60
+    path.write_text(
+        "".join(
+            f"{u},{i},{c},{b},{t}\n"
+            for u, i, c, b, t in zip(user, item, category, behavior, time, strict=True)
+        )
+    )
+    return {"user": user, "item": item, "category": category, "behavior": behavior, "time": time}
+
+
+def test_taobao_samples_clicks_with_negatives_and_a_time_split(tmp_path):
+    raw = write_taobao(tmp_path / "UserBehavior.csv")
+    out = prepare("taobao", tmp_path, tmp_path / "out", negatives=2, max_history=8)
+    tables = read_splits(out)
+    items, categories = np.unique(raw["item"]), np.unique(raw["category"])
+    category_of = dict(
+        zip(
+            np.searchsorted(items, raw["item"]) + 1,
+            np.searchsorted(categories, raw["category"]) + 1,
+            strict=True,
+        )
+    )
+    clicked = raw["behavior"] == "pv"
+    earlier = np.array(
+        [
+            ((raw["user"] == u) & (raw["time"] < t) & clicked).any()
+            for u, t in zip(raw["user"], raw["time"], strict=True)
+        ]
+    )
+    total = 0
+    for table in tables.values():
+        label = table.column("label").to_numpy()
+        item = table.column("item_id").to_numpy()
+        assert label.tolist() == [1.0, 0.0, 0.0] * (len(label) // 3)
+        assert (item[label == 0] != np.repeat(item[label == 1], 2)).all()
+        assert [category_of[i] for i in item] == table.column("category_id").to_pylist()
+        total += int(label.sum())
+        rows = table.column("row").to_numpy()
+        assert (clicked[rows]).all()
+        for r, h, hc in zip(
+            rows,
+            table.column("history").to_pylist(),
+            table.column("history_category").to_pylist(),
+            strict=True,
+        ):
+            expected = brute_force_history(
+                raw["user"], raw["time"], raw["item"], raw["user"][r], raw["time"][r], 8, clicked
+            )
+            assert h == (np.searchsorted(items, expected) + 1).tolist()
+            assert hc == [category_of[i] for i in h]
+            assert 1 <= len(h) <= 8
+    assert total == int((clicked & earlier).sum())
+    times = [t.column("timestamp").to_numpy() for t in tables.values()]
+    assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
+    assert all(len(t) for t in times)
+
+
+def test_taobao_real_sample_parses(shared_data, tmp_path):
+    out = prepare(
+        "taobao", shared_data / "taobao-userbehavior" / "UserBehavior_sample.csv", tmp_path / "out"
+    )
+    rows = sum(t.num_rows for t in read_splits(out).values())
+    assert rows > 0 and rows % 2 == 0
+
+
+# --- KuaiRand -----------------------------------------------------------------------------------
+def write_kuairand(root: Path, n: int = 500, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    user = rng.integers(0, 15, n)
+    video = rng.integers(0, 25, n)
+    time = 1_649_400_000_000 + rng.integers(0, 100, n) * 1000
+    click, long_view, like = (rng.random((3, n)) < [[0.4], [0.3], [0.1]]).astype(int)
+    # columns in another order than documented, with an extra one, over two files (read in name order)
+    header = "tab,video_id,user_id,date,hourmin,time_ms,is_click,is_like,is_follow,long_view,extra,is_rand\n"
+    lines = [
+        f"{u % 3},{v},{u},20220408,1200,{t},{c},{lk},0,{lv},x,0\n"
+        for u, v, t, c, lk, lv in zip(user, video, time, click, like, long_view, strict=True)
+    ]
+    (root / "log_random_4_22_to_5_08_pure.csv").write_text(header + "".join(lines[: n // 2]))
+    (root / "log_standard_4_08_to_4_21_pure.csv").write_text(header + "".join(lines[n // 2 :]))
+    user_columns = [
+        "user_id",
+        "user_active_degree",
+        "is_lowactive_period",
+        "is_live_streamer",
+        "is_video_author",
+        "follow_user_num",
+        "follow_user_num_range",
+        "fans_user_num",
+        "fans_user_num_range",
+        "friend_user_num",
+        "friend_user_num_range",
+        "register_days",
+        "register_days_range",
+        *(f"onehot_feat{i}" for i in range(18)),
+    ]
+    degrees = ["high_active", "full_active", "middle_active", "UNKNOWN"]
+    user_rows = [
+        [
+            str(u),
+            degrees[u % 4],
+            "0",
+            "1",
+            str(u % 2),
+            "5",
+            '"(0,10]"',
+            "312",
+            '"[100,1k)"',
+            "0",
+            "0",
+            "3624",
+            "730+",
+            *[str((u * k) % 5) if k != 3 else "" for k in range(18)],
+        ]
+        for u in range(15)
+    ]
+    (root / "user_features_pure.csv").write_text(
+        ",".join(reversed(user_columns))
+        + "\n"
+        + "".join(",".join(reversed(r)) + "\n" for r in user_rows)
+    )
+    tags = ['"12,65"', "", "3", '"0,1,2"'] * 7
+    video_header = "video_id,author_id,video_type,upload_dt,upload_type,visible_status,video_duration,server_width,server_height,music_id,music_type,tag\n"
+    (root / "video_features_basic_pure.csv").write_text(
+        video_header
+        + "".join(
+            f"{v},{v * 13 % 5},{'NORMAL' if v % 4 else 'AD'},2020-07-08,ShortImport,1,{'' if v == 3 else 1000 * v},720,1280,9,{v % 3},{tags[v]}\n"
+            for v in range(25)
+        )
+    )
+    return {
+        "user": user,
+        "video": video,
+        "time": time,
+        "click": click,
+        "long_view": long_view,
+        "like": like,
+    }
+
+
+def test_kuairand_has_three_labels_tags_and_a_clicked_history(tmp_path):
+    raw = write_kuairand(tmp_path / "kr")
+    out = prepare("kuairand", tmp_path / "kr", tmp_path / "out", max_history=6)
+    schema = Schema.load(out)
+    assert schema.labels == ["label_click", "label_long_view", "label_like"]
+    assert schema.feature("history").table == "video_id"
+    tables = read_splits(out)
+    table = pa.concat_tables(tables.values())
+    rows = table.column("row").to_numpy()
+    assert sorted(rows) == list(range(len(raw["user"])))
+    for label, source in (
+        ("label_click", "click"),
+        ("label_long_view", "long_view"),
+        ("label_like", "like"),
+    ):
+        assert table.column(label).to_numpy().tolist() == raw[source][rows].tolist()
+    raw_video = raw["video"][rows]
+    expected_tags = {0: [13, 66], 1: [], 2: [4], 3: [1, 2, 3]}
+    assert table.column("tag").to_pylist() == [expected_tags[v % 4] for v in raw_video]
+    assert (table.column("video_duration").to_numpy()[raw_video == 3] == 0).all()
+    for r, h in zip(rows, table.column("history").to_pylist(), strict=True):
+        expected = brute_force_history(
+            raw["user"],
+            raw["time"],
+            raw["video"],
+            raw["user"][r],
+            raw["time"][r],
+            6,
+            raw["click"] == 1,
+        )
+        assert h == [v + 1 for v in expected]  # raw ids 0..24 are all present: dense id = raw + 1
+    times = [t.column("timestamp").to_numpy() for t in tables.values()]
+    assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
+
+
+def test_kuairand_missing_column_is_named(tmp_path):
+    write_kuairand(tmp_path / "kr")
+    path = tmp_path / "kr" / "video_features_basic_pure.csv"
+    path.write_text(path.read_text().replace("tag\n", "tags\n", 1))
+    with pytest.raises(ValueError, match=r"lacks columns \['tag'\]"):
+        prepare("kuairand", tmp_path / "kr", tmp_path / "out")
+
+
+# --- all loaders ----------------------------------------------------------------------------
+def write_source(name: str, root: Path) -> Path:
+    if name == "movielens-100k":
+        write_movielens(root)
+        return root
+    if name == "criteo":
+        root.mkdir()
+        return write_criteo(root / "train.txt").parent
+    if name == "taobao":
+        root.mkdir()
+        write_taobao(root / "UserBehavior.csv")
+        return root / "UserBehavior.csv"
+    write_kuairand(root)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_every_loader_output_converts_to_a_batch_with_its_saved_schema(name, tmp_path):
+    out = prepare(name, write_source(name, tmp_path / "src"), tmp_path / "out")
+    schema = Schema.load(out)
+    for split in SPLITS:
+        table = pq.read_table(out / f"{split}.parquet")
+        for batch in table.to_batches(max_chunksize=64):
+            converted = to_batch(batch, schema, source=f"{name}/{split}")
+            assert len(converted) == batch.num_rows
+        assert table.schema.field(schema.labels[0]).type == pa.float32()
+        for feature in schema.features:
+            column_type = table.schema.field(feature.name).type
+            assert column_type in (pa.float32(), pa.int64(), pa.list_(pa.int64()))
+
+
+def test_unknown_data_set_and_missing_file_are_named(tmp_path):
+    with pytest.raises(ValueError, match="'avazu'.*movielens-100k, criteo, taobao, kuairand"):
+        prepare("avazu", tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="u.data"):
+        prepare("movielens-100k", tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        prepare("criteo", tmp_path, tmp_path / "out")
+
+
+# --- real files ---------------------------------------------------------------------------------
+def test_real_movielens_100k_sizes_and_histories(shared_data, tmp_path):
+    out = prepare("movielens-100k", shared_data / "movielens-100k", tmp_path / "out")
+    tables = read_splits(out)
+    sizes = {split: t.num_rows for split, t in tables.items()}
+    print("movielens-100k rows per split:", sizes)
+    assert sizes == {"train": 58_284, "valid": 7_286, "test": 7_285}  # 72,855 after dropping 3s
+    assert sum(t.column("label").to_numpy().sum() for t in tables.values()) == 55_375  # 4s and 5s
+    schema = Schema.load(out)
+    assert schema.feature("user_id").vocab_size == 944
+    assert schema.feature("item_id").vocab_size == 1683
+    for split in SPLITS:
+        to_batch(tables[split], schema, source=split)
+
+    raw = np.loadtxt(shared_data / "movielens-100k" / "u.data", dtype=np.int64)
+    user, item, time = raw[:, 0], raw[:, 1], raw[:, 3]
+    train = tables["train"]
+    lengths = np.diff(train.column("history").combine_chunks().offsets.to_numpy())
+    assert lengths.max() == 50 and lengths.min() == 0
+    for r in np.random.default_rng(0).choice(train.num_rows, 200, replace=False):
+        row = train.slice(r, 1).to_pylist()[0]
+        expected = brute_force_history(user, time, item, row["user_id"], row["timestamp"], 50)
+        assert row["history"] == expected
