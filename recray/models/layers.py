@@ -19,13 +19,13 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 DEFAULT_FIELD_DIM = 16  # field width for FM/DLRM on a schema without id features
 
 
-class Hparams(BaseModel):
+class BaseHparams(BaseModel):
     """Base of every model's hyperparameters: unknown names are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MLPHparams(Hparams):
+class MLPHparams(BaseHparams):
     """Hyperparameters of a model's MLP."""
 
     hidden: list[PositiveInt] = [128, 64]
@@ -63,7 +63,7 @@ class FeatureEmbedding(nn.Module):
         unpooled_by_dim: dict[int, list[EmbeddingConfig]] = {}
         self._pooled_here: dict[str, str] = {}
         for table, features in by_table.items():
-            shape = {
+            table_args = {
                 "name": table,
                 "num_embeddings": features[0].num_embeddings,
                 "embedding_dim": features[0].embedding_dim,
@@ -71,15 +71,21 @@ class FeatureEmbedding(nn.Module):
             }
             poolings = {f.pooling for f in features}
             if any(f.kind == "sequence" for f in features) or len(poolings) > 1:
-                unpooled_by_dim.setdefault(shape["embedding_dim"], []).append(EmbeddingConfig(**shape))
-                self._pooled_here.update({f.name: f.pooling for f in features if f.kind == "sparse"})
+                unpooled_by_dim.setdefault(table_args["embedding_dim"], []).append(
+                    EmbeddingConfig(**table_args)
+                )
+                self._pooled_here.update(
+                    {f.name: f.pooling for f in features if f.kind == "sparse"}
+                )
             else:
                 pooling = PoolingType.MEAN if poolings == {"mean"} else PoolingType.SUM
-                bag_tables.append(EmbeddingBagConfig(**shape, pooling=pooling))
+                bag_tables.append(EmbeddingBagConfig(**table_args, pooling=pooling))
         self.bags = EmbeddingBagCollection(bag_tables, device=device) if bag_tables else None
         self.unpooled = nn.ModuleDict(
-            {f"dim{dim}": EmbeddingCollection(tables, device=device)
-             for dim, tables in unpooled_by_dim.items()}
+            {
+                f"dim{dim}": EmbeddingCollection(tables, device=device)
+                for dim, tables in unpooled_by_dim.items()
+            }
         )
         self.sparse_names = [f.name for f in schema.sparse_features]
         self.sequence_names = [f.name for f in schema.sequence_features]
@@ -132,8 +138,11 @@ class SameDimFields(nn.Module):
         self.embedding = FeatureEmbedding(schema)
         self.dim = dim
         self.projections = nn.ModuleDict(
-            {name: nn.Linear(width, dim, bias=False)
-             for name, width in self.embedding.dims.items() if width != dim}
+            {
+                name: nn.Linear(width, dim, bias=False)
+                for name, width in self.embedding.dims.items()
+                if width != dim
+            }
         )
 
     @property
@@ -143,10 +152,12 @@ class SameDimFields(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         fields = [
             self.projections[name](field) if name in self.projections else field
-            for name, field in zip(self.embedding.id_names, self.embedding.fields(features), strict=True)
+            for name, field in zip(
+                self.embedding.id_names, self.embedding.fields(features), strict=True
+            )
         ]
         if not fields:
-            return torch.zeros(features.stride(), 0, self.dim)
+            return torch.zeros(features.stride(), 0, self.dim, device=features.values().device)
         return torch.stack(fields, 1)
 
 
@@ -203,8 +214,10 @@ class FirstOrder(nn.Module):
         super().__init__()
         # The per-id weights are embedding tables of width out_dim, so they shard like any table.
         scalar_schema = Schema(
-            features=[f.model_copy(update={"embedding_dim": out_dim}) if f.is_id else f
-                      for f in schema.features],
+            features=[
+                f.model_copy(update={"embedding_dim": out_dim}) if f.is_id else f
+                for f in schema.features
+            ],
             labels=schema.labels,
         )
         self.weights = FeatureEmbedding(scalar_schema)
