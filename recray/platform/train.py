@@ -50,7 +50,9 @@ def validate(cfg: TrainConfig) -> Schema:
             except SchemaError as e:
                 raise ConfigError(f"data.path: {e}") from None
             except Exception as e:  # pyarrow raises ArrowInvalid and OSError for corrupt files
-                raise ConfigError(f"data.path: {file} is not a readable Parquet file: {e}") from None
+                raise ConfigError(
+                    f"data.path: {file} is not a readable Parquet file: {e}"
+                ) from None
     if cfg.model.name not in models.available():
         raise ConfigError(
             f"model.name: unknown model {cfg.model.name!r}; available: {models.available()}"
@@ -148,6 +150,8 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             local_shuffle_seed=cfg.seed + epoch,
         ):
             batch = to_batch(table, schema, source="train")
+            if len(batch) == 0:
+                continue
             loss = loss_fn(model(batch), batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,23 +169,37 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             metrics |= evaluate(
                 model, ray.train.get_dataset_shard(split), schema, cfg.train.eval_batch_size, split
             )
-        _report(model, optimizer, epoch, metrics, rank)
+        _report(model, optimizer, epoch, metrics, rank, cfg)
     return metrics
 
 
-def _report(model, optimizer, epoch: int, metrics: dict[str, float], rank: int) -> None:
-    """Report this epoch; rank 0 attaches the checkpoint (weights, optimizer state, epoch)."""
+def _report(
+    model, optimizer, epoch: int, metrics: dict[str, float], rank: int, cfg: TrainConfig
+) -> None:
+    """Report this epoch; rank 0 attaches the checkpoint (weights, optimizer state, epoch).
+
+    Ray Train copies a reported checkpoint into its storage, except in local mode, where it keeps
+    the path as given: there we write straight into the run's folder so the checkpoint outlives
+    this function.
+    """
     import ray.train
 
+    local_mode = cfg.scaling.num_workers == 0
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
+            folder = (
+                Path(cfg.storage_path) / cfg.name / f"checkpoint_epoch_{epoch:04d}"
+                if local_mode
+                else Path(tmp)
+            )
+            folder.mkdir(parents=True, exist_ok=True)
             module = getattr(model, "module", model)
             torch.save(
                 {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                os.path.join(tmp, "state.pt"),
+                folder / "state.pt",
             )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
