@@ -29,11 +29,11 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
 class WorldConfig:
-    num_users: int = 2000
-    num_items: int = 1000
+    num_users: int = 1000
+    num_items: int = 500
     num_tags: int = 20
-    latent_dim: int = 8
-    num_impressions: int = 200_000
+    latent_dim: int = 4
+    num_impressions: int = 300_000
     mean_history: float = 30.0
     max_history: int = 100
     zipf_exponent: float = 1.0
@@ -42,7 +42,9 @@ class WorldConfig:
     position_bias: float = 0.4
     num_positions: int = 5
     bias: float = -1.0
-    tag_spread: float = 0.5
+    num_segments: int = 20
+    tag_spread: float = 0.15
+    user_spread: float = 0.15
     taste_in_history: float = 3.0
     seed: int = 0
 
@@ -65,6 +67,8 @@ def schema_for(cfg: WorldConfig, embedding_dim: int = 16) -> Schema:
     return Schema(
         features=[
             Feature(name="user_id", kind="sparse", vocab_size=cfg.num_users, embedding_dim=embedding_dim),
+            Feature(name="user_segment", kind="sparse", vocab_size=cfg.num_segments,
+                    embedding_dim=embedding_dim),
             Feature(name="item_id", kind="sparse", vocab_size=cfg.num_items, embedding_dim=embedding_dim),
             Feature(name="item_tags", kind="sparse", vocab_size=cfg.num_tags, embedding_dim=embedding_dim,
                     pooling="mean"),
@@ -79,12 +83,19 @@ def schema_for(cfg: WorldConfig, embedding_dim: int = 16) -> Schema:
 def simulate_log(cfg: WorldConfig) -> pa.Table:
     """The impression log as one Arrow table: features, `label`, and the true `p_click`."""
     rng = np.random.default_rng(cfg.seed)
+    # Interests cluster: items around the centres of their tags, users around their segment's.
+    # Both groupings are observed features, so most of the taste is learnable from shared
+    # structure; the rest (the spreads) only from per-id data and histories.
     tag_centres = _unit_rows(rng.normal(size=(cfg.num_tags, cfg.latent_dim)))
     item_tag = rng.integers(cfg.num_tags, size=cfg.num_items)
     # A second tag for half the items, so item_tags is a genuinely multi-id (jagged) feature.
     second_tag = np.where(rng.random(cfg.num_items) < 0.5, rng.integers(cfg.num_tags, size=cfg.num_items), -1)
-    items = _unit_rows(tag_centres[item_tag] + cfg.tag_spread * rng.normal(size=(cfg.num_items, cfg.latent_dim)))
-    users = _unit_rows(rng.normal(size=(cfg.num_users, cfg.latent_dim)))
+    tag_mix = tag_centres[item_tag] + np.where(second_tag[:, None] >= 0, tag_centres[second_tag], 0.0)
+    items = _unit_rows(_unit_rows(tag_mix) + cfg.tag_spread * rng.normal(size=(cfg.num_items, cfg.latent_dim)))
+    segment_centres = _unit_rows(rng.normal(size=(cfg.num_segments, cfg.latent_dim)))
+    user_segment = rng.integers(cfg.num_segments, size=cfg.num_users)
+    users = _unit_rows(segment_centres[user_segment]
+                       + cfg.user_spread * rng.normal(size=(cfg.num_users, cfg.latent_dim)))
     popularity = 1.0 / np.arange(1, cfg.num_items + 1) ** cfg.zipf_exponent
     popularity = popularity[rng.permutation(cfg.num_items)]
     log_pop = np.log(popularity / popularity.mean())
@@ -117,6 +128,7 @@ def simulate_log(cfg: WorldConfig) -> pa.Table:
     tag_values = tag_values[tag_values >= 0]
     return pa.table({
         "user_id": pa.array(imp_users, pa.int64()),
+        "user_segment": pa.array(user_segment[imp_users], pa.int64()),
         "item_id": pa.array(imp_items, pa.int64()),
         "item_tags": pa.ListArray.from_arrays(pa.array(tag_offsets), pa.array(tag_values, pa.int64())),
         "history": pa.ListArray.from_arrays(pa.array(hist_offsets), pa.array(history_items[gather], pa.int64())),

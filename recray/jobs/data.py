@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from recray.data.simulate import WorldConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     verbs = parser.add_subparsers(dest="data_verb", required=True)
@@ -19,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--seed", type=int, default=0)
     simulate = verbs.add_parser("simulate", help="a synthetic log with a known click model")
     simulate.add_argument("--out", required=True, help="output folder")
-    simulate.add_argument("--users", type=int, default=2000)
-    simulate.add_argument("--items", type=int, default=1000)
-    simulate.add_argument("--impressions", type=int, default=200_000)
+    simulate.add_argument("--users", type=int, default=WorldConfig.num_users)
+    simulate.add_argument("--items", type=int, default=WorldConfig.num_items)
+    simulate.add_argument("--impressions", type=int, default=WorldConfig.num_impressions)
     simulate.add_argument("--seed", type=int, default=0)
 
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         out = prepare(args.name, args.src, args.out, split_files=args.split_files, seed=args.seed)
         print(f"wrote {out}")
         return 0
-    from recray.data.simulate import WorldConfig, simulate
+    from recray.data.simulate import simulate
 
     world = WorldConfig(num_users=args.users, num_items=args.items,
                         num_impressions=args.impressions, seed=args.seed)

@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from recray.data.simulate import WorldConfig
+
 DEMO_MODELS = ("lr", "dcnv2", "din")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output", help="folder for data, runs and report")
-    parser.add_argument("--impressions", type=int, default=200_000)
+    parser.add_argument("--impressions", type=int, default=WorldConfig.num_impressions)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0,
                         help="Ray Train workers per run (0 = local mode, fastest on 2 cores)")
