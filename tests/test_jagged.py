@@ -70,8 +70,8 @@ def test_scalar_id_column_is_not_copied():
     # The KJT concatenates all features once; the per-column step before it is a view.
     from recray.data.jagged import _id_column
 
-    values, _ = _id_column(rb.column("user_id"), _schema().feature("user_id"), "t")
-    assert values.data_ptr() == rb.column("user_id").buffers()[1].address
+    values, lengths = _id_column(rb.column("user_id"), _schema().feature("user_id"), "t")
+    assert values.ctypes.data == rb.column("user_id").buffers()[1].address and lengths is None
     assert batch.sparse.values().numel() == sum(
         len(x) if isinstance(x, list) else 1 for f in ("user_id", "tags", "history", "item_id")
         for x in rb.column(f).to_pylist()

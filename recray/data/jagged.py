@@ -76,45 +76,49 @@ def _numpy_view(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=True, writable=False)
 
 
-def list_column_to_jagged(arr: pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
-    """A `list<int64>` Arrow array -> (values, lengths) tensors.
+def _list_column(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A `list<int64>` Arrow array -> (values, lengths) numpy arrays; `values` views Arrow memory.
 
-    Without nulls, `values` is a view of the Arrow values buffer (no copy). Offsets are read
-    from the (possibly sliced) offsets, never from `arr.values`, which ignores the slice. A null
-    list is an empty list; when nulls exist, `flatten()` drops any values they still cover.
+    Offsets are read from the (possibly sliced) offsets, never from `arr.values`, which ignores
+    the slice. A null list is an empty list; when nulls exist, `flatten()` drops any values
+    they still cover (a copy, only then).
     """
     offsets = _numpy_view(arr.offsets)
-    lengths = torch.from_numpy(np.diff(offsets).astype(np.int32, copy=False))
+    lengths = np.diff(offsets).astype(np.int32, copy=False)
     if arr.null_count:
-        lengths[torch.from_numpy(arr.is_null().to_numpy(zero_copy_only=False))] = 0
-        values = arr.flatten()
-    else:
-        start, end = int(offsets[0]), int(offsets[-1])
-        values = arr.values.slice(start, end - start)
-    return torch.from_numpy(_numpy_view(values)), lengths
+        lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+        return _numpy_view(arr.flatten()), lengths.astype(np.int32, copy=False)
+    start, end = int(offsets[0]), int(offsets[-1])
+    return _numpy_view(arr.values.slice(start, end - start)), lengths
 
 
-def _id_column(arr: pa.Array, feature: Feature, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+def list_column_to_jagged(arr: pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `list<int64>` Arrow array -> (values, lengths) tensors; `values` views Arrow memory."""
+    values, lengths = _list_column(arr)
+    return torch.from_numpy(values), torch.from_numpy(lengths)
+
+
+def _id_column(arr: pa.Array, feature: Feature, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, lengths) of one id column; lengths None means one id per row."""
     if pa.types.is_integer(arr.type):
         if arr.null_count:
             raise SchemaError(
                 f"{source}: column {feature.name!r} has {arr.null_count} nulls; an id column "
                 "must be filled by its loader (or be a list column, where null = empty)"
             )
-        values = torch.from_numpy(_numpy_view(arr))
-        lengths = torch.ones(len(arr), dtype=torch.int32)
+        values, lengths = _numpy_view(arr), None
     else:
-        values, lengths = list_column_to_jagged(arr)
+        values, lengths = _list_column(arr)
     return _ids_in_range(values, feature, source), lengths
 
 
-def _ids_in_range(values: torch.Tensor, feature: Feature, source: str) -> torch.Tensor:
-    if values.numel() == 0:
+def _ids_in_range(values: np.ndarray, feature: Feature, source: str) -> np.ndarray:
+    if values.size == 0:
         return values
-    lo, hi = (int(x) for x in torch.aminmax(values))
+    lo, hi = int(values.min()), int(values.max())
     if feature.hash_buckets is not None:
         if lo < 0 or hi >= feature.hash_buckets:
-            return torch.remainder(values, feature.hash_buckets)
+            return np.mod(values, feature.hash_buckets)  # numpy's mod is non-negative
         return values
     if lo < 0 or hi >= feature.num_embeddings:
         bad = lo if lo < 0 else hi
@@ -150,10 +154,17 @@ def to_batch(data: pa.RecordBatch | pa.Table, schema: Schema, source: str = "bat
 
     id_features = schema.id_features
     parts = [_id_column(data.column(f.name), f, source) for f in id_features]
+    # One concatenation of all features' ids per batch; lengths start as ones (single ids) and
+    # list features overwrite their segment.
+    lengths = np.ones(len(id_features) * rows, dtype=np.int32)
+    for i, (_, feature_lengths) in enumerate(parts):
+        if feature_lengths is not None:
+            lengths[i * rows : (i + 1) * rows] = feature_lengths
+    values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0, np.int64)
     sparse = KeyedJaggedTensor(
         keys=[f.name for f in id_features],
-        values=torch.cat([v for v, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64),
-        lengths=torch.cat([n for _, n in parts]) if parts else torch.zeros(0, dtype=torch.int32),
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths),
         stride=rows,
     )
     return Batch(dense=dense, sparse=sparse, labels=labels)
