@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from recray.jobs import run_job
+
 VERBS = {
     "data": "prepare a raw data set or simulate a log",
     "train": "train a model on Ray Train from a YAML config",
@@ -20,12 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         job = importlib.import_module(f"recray.jobs.{verb}")
         job.add_arguments(verbs.add_parser(verb, help=help_text, description=job.__doc__))
     args = parser.parse_args(argv)
-    job = importlib.import_module(f"recray.jobs.{args.verb}")
-    try:
-        return job.run(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError and SchemaError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_job(importlib.import_module(f"recray.jobs.{args.verb}"), args)
 
 
 if __name__ == "__main__":

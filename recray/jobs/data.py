@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from recray.data.simulate import WorldConfig
+from recray.jobs import main_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recray.jobs.data", description=__doc__)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return main_for(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

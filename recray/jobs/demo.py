@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from recray.data.simulate import WorldConfig
+from recray.jobs import main_for
 
 DEMO_MODELS = ("lr", "dcnv2", "din")
 
@@ -73,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recray.jobs.demo", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return main_for(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from recray.jobs import main_for
 from recray.platform.config import ConfigError, load_train_config
 
 
@@ -42,13 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recray.jobs.train", description=__doc__)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return main_for(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

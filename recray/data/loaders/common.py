@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from recray.data.jagged import check_columns
 from recray.data.schema import Schema
@@ -201,7 +202,7 @@ def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.nd
     )
     check_columns(table.schema, schema, source=str(out))
     mask = pa.array(codes)
-    for code, split in enumerate(SPLITS):
+    for code, split in enumerate(tqdm(SPLITS, desc=f"writing {out}", unit="split")):
         pq.write_table(table.filter(pc.equal(mask, code)), out / f"{split}.parquet")
     schema.save(out)
     return out
