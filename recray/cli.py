@@ -12,6 +12,7 @@ VERBS = {
     "data": "prepare a raw data set or simulate a log",
     "train": "train a model on Ray Train from a YAML config",
     "demo": "the embedded default: simulate, train, evaluate, report",
+    "submit": "submit a job to a Ray cluster (JobSubmissionClient) and follow it",
 }
 
 
