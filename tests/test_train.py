@@ -119,3 +119,25 @@ def test_two_worker_ddp_run_over_gloo(sim_dir, tmp_path, ray_local):
     metrics = fit(cfg)["metrics"]
     assert metrics["test_auc"] > 0.55, metrics
     assert metrics["train_rows_per_s"] > 0
+
+
+def test_fault_injection_needs_a_worker_process(sim_dir, tmp_path):
+    with pytest.raises(Exception, match="fault_injection: needs scaling.num_workers >= 1"):
+        TrainConfig.model_validate(_config(sim_dir, tmp_path, fault_injection={"epoch": 0, "step": 1}))
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_checkpoint_with_the_same_auc(sim_dir, tmp_path, ray_local):
+    """A worker process exits mid-epoch 2; Ray restarts it from the epoch-1 checkpoint.
+
+    Checkpoint interval = 1 epoch, so at most the steps of the interrupted epoch are redone and
+    none are skipped: the final model equals the uninterrupted one's.
+    """
+    base = _config(sim_dir, tmp_path, train__epochs=2, scaling__num_workers=1,
+                   scaling__cpus_per_worker=1, max_failures=1)
+    clean = fit(TrainConfig.model_validate({**base, "name": "clean"}))["metrics"]
+    failed = fit(TrainConfig.model_validate(
+        {**base, "name": "faulty", "fault_injection": {"epoch": 1, "step": 3}}))["metrics"]
+    assert (tmp_path / "runs" / "faulty" / "fault_injected").exists()
+    assert failed["resumed_from_epoch"] == 0 and clean["resumed_from_epoch"] == -1
+    assert abs(failed["test_auc"] - clean["test_auc"]) < 0.001, (clean, failed)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,14 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
 
 
+class FaultInjection(_Strict):
+    """Test aid: the worker of `rank` exits (os._exit) once, at `step` of `epoch`."""
+
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    rank: int = Field(default=0, ge=0)
+
+
 class TrainConfig(_Strict):
     name: str = "train"
     seed: int = 0
@@ -49,7 +57,18 @@ class TrainConfig(_Strict):
     train: OptimSection = Field(default_factory=OptimSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage_path: str = "runs"
-    max_failures: int = Field(default=0, ge=0)
+    max_failures: int = Field(default=0, ge=-1, description="-1 = retry forever")
+    fault_injection: FaultInjection | None = None
+
+    @model_validator(mode="after")
+    def _fault_needs_a_worker_process(self) -> TrainConfig:
+        if self.fault_injection and self.scaling.num_workers == 0:
+            raise ValueError("fault_injection: needs scaling.num_workers >= 1 (local mode would "
+                             "kill the driver itself)")
+        if self.fault_injection and self.fault_injection.rank >= max(self.scaling.num_workers, 1):
+            raise ValueError(f"fault_injection.rank: {self.fault_injection.rank} is not below "
+                             f"scaling.num_workers={self.scaling.num_workers}")
+        return self
 
     @field_validator("storage_path")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -126,13 +127,14 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
     model = models.build(cfg.model.name, schema, **cfg.model.hparams)
     optimizer = _optimizer(cfg, model.parameters())
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / "state.pt", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
+    resumed_from = start_epoch - 1 if checkpoint else -1
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -148,6 +150,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
             local_shuffle_seed=cfg.seed + epoch,
         ):
+            _maybe_fail(cfg, rank, epoch, steps)
             batch = to_batch(table, schema, source="train")
             if len(batch) == 0:
                 continue
@@ -159,6 +162,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
         train_seconds = time.perf_counter() - started
         metrics = {
             "epoch": epoch,
+            "resumed_from_epoch": resumed_from,
             "train_loss": loss_sum / max(steps, 1),
             "train_rows_per_s": rows * world / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
@@ -170,6 +174,19 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             )
         _report(model, optimizer, epoch, metrics, rank, cfg)
     return metrics
+
+
+def _maybe_fail(cfg: TrainConfig, rank: int, epoch: int, step: int) -> None:
+    """Fault injection for tests: exit this worker process once (a marker file remembers)."""
+    fault = cfg.fault_injection
+    if fault is None or (fault.rank, fault.epoch, fault.step) != (rank, epoch, step):
+        return
+    marker = Path(cfg.storage_path) / cfg.name / "fault_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{time.time()}\n")
+    os._exit(1)
 
 
 def _report(
@@ -212,7 +229,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = True
+    # A fixed block order makes an epoch's data order a function of the seed alone, so a run
+    # resumed after a failure sees exactly the batches the uninterrupted run would have seen.
+    data_context.execution_options.preserve_order = True
     datasets = {
         split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
     }
