@@ -1,0 +1,150 @@
+"""Logged impressions from CreatorEcosystem under a stochastic logging policy, in the data schema.
+
+One row per shown item per session, in the foundation's Parquet conventions (recray/data): int64
+ids, a jagged `list<int64>` user history (item ids clicked before this session, oldest first),
+float32 dense features, float32 labels `label_click`, `label_engagement` (watch minutes) and
+`label_return` (the user came back the next day), plus the truth columns `p_click` (the true
+click probability of that slot in that slate) and `propensity` (the logging policy's probability
+of putting that item in that slot, given the slots above it), which are not features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from sklearn.metrics import roc_auc_score
+
+from recray.data.schema import Feature, Schema
+from recray.simulators import CREATOR_ECOSYSTEM
+from recray.simulators.creator_ecosystem import _expected_engagement
+
+DENSE = ("position", "clickbait", "log_clicks", "ctr", "age")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    num_users: int = 1000
+    days: int = 7
+    temperature: float = 1.0
+    seed: int = 0
+    world: dict[str, Any] = field(default_factory=lambda: {"num_creators": 100})
+
+
+class SoftmaxLoggingPolicy:
+    """Plackett-Luce over `score / temperature`: every candidate has a known, non-zero propensity."""
+
+    def __init__(self, slate_size: int, temperature: float = 1.0) -> None:
+        self.slate_size, self.temperature = slate_size, temperature
+
+    def act(self, obs: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Slates `[N, k]` and each pick's conditional propensity `[N, k]`."""
+        logits = _expected_engagement(obs) / self.temperature
+        gumbel = -np.log(-np.log(rng.random(logits.shape)))
+        slates = np.argsort(-(logits + gumbel), axis=1)[:, :self.slate_size]
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        rows = np.arange(len(logits))
+        propensity = np.empty(slates.shape)
+        for slot in range(self.slate_size):
+            picked = slates[:, slot]
+            propensity[:, slot] = weights[rows, picked] / weights.sum(axis=1)
+            weights[rows, picked] = 0.0
+        return slates.astype(np.int64), propensity
+
+
+def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
+    """Run the world for `cfg.days` days under the logging policy; return the impression table."""
+    env = gym.make_vec(CREATOR_ECOSYSTEM, num_envs=cfg.num_users,
+                       vectorization_mode="vector_entry_point", horizon_days=cfg.days + 1,
+                       **cfg.world)
+    obs, _ = env.reset(seed=cfg.seed)
+    world = env.world
+    policy = SoftmaxLoggingPolicy(env.single_action_space.shape[0], cfg.temperature)
+    rng = np.random.default_rng(cfg.seed)
+    parts: list[dict[str, Any]] = []
+    active_by_day = [world.active_today.copy()]
+    while world.day < cfg.days:
+        users = np.flatnonzero(obs["active"][:, 0])
+        slates, propensity = policy.act(obs, rng)
+        history = world.history[users]
+        day = world.day
+        next_obs, reward, _, _, info = env.step(slates)
+        response = next_obs["response"]
+        k = slates.shape[1]
+        pick = np.take_along_axis
+        parts.append({
+            "user_id": np.repeat(users, k), "day": np.full(len(users) * k, day),
+            "item_id": pick(obs["item_id"][users], slates[users], axis=1).ravel(),
+            "creator_id": pick(obs["creator_id"][users], slates[users], axis=1).ravel(),
+            "doc": pick(obs["doc"][users], slates[users][:, :, None], axis=1).reshape(
+                len(users) * k, -1),
+            "history": np.repeat(history, k, axis=0),
+            "position": np.tile(np.arange(k), len(users)),
+            "label_click": response["click"][users].ravel(),
+            "label_engagement": response["engagement"][users].ravel(),
+            "p_click": info["p_click"][users].ravel(),
+            "propensity": propensity[users].ravel(),
+        })
+        if world.day != day:
+            active_by_day.append(world.active_today.copy())
+        obs = next_obs
+    rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    returned = np.array(active_by_day)[rows["day"] + 1, rows["user_id"]]
+    num_topics = world.p.num_topics
+    doc = rows["doc"]
+    mask = rows["history"] >= 0
+    offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int32)
+    columns: dict[str, pa.Array] = {
+        "user_id": pa.array(rows["user_id"], pa.int64()),
+        "item_id": pa.array(rows["item_id"], pa.int64()),
+        "creator_id": pa.array(rows["creator_id"], pa.int64()),
+        "item_topic": pa.array(doc[:, :num_topics].argmax(axis=1), pa.int64()),
+        "history": pa.ListArray.from_arrays(pa.array(offsets),
+                                            pa.array(rows["history"][mask], pa.int64())),
+        "position": pa.array(rows["position"].astype(np.float32)),
+    }
+    for i, name in enumerate(DENSE[1:]):
+        columns[name] = pa.array(doc[:, num_topics + i].astype(np.float32))
+    columns.update({
+        "label_click": pa.array(rows["label_click"].astype(np.float32)),
+        "label_engagement": pa.array(rows["label_engagement"].astype(np.float32)),
+        "label_return": pa.array(returned.astype(np.float32)),
+        "p_click": pa.array(rows["p_click"].astype(np.float32)),
+        "propensity": pa.array(rows["propensity"].astype(np.float32)),
+    })
+    return pa.table(columns)
+
+
+def schema_for_log(table: pa.Table, num_topics: int = 10, embedding_dim: int = 16) -> Schema:
+    """The feature schema of a `simulate_creator_log` table (id vocabularies from the data)."""
+
+    def vocab(column: str) -> int:
+        return int(pc.max(table.column(column)).as_py()) + 1
+
+    history_items = pc.list_flatten(table.column("history")).to_numpy()
+    items = max(vocab("item_id"), int(history_items.max(initial=-1)) + 1)
+    return Schema(
+        features=[
+            Feature(name="user_id", kind="sparse", vocab_size=vocab("user_id"),
+                    embedding_dim=embedding_dim),
+            Feature(name="item_id", kind="sparse", vocab_size=items, embedding_dim=embedding_dim),
+            Feature(name="creator_id", kind="sparse", vocab_size=vocab("creator_id"),
+                    embedding_dim=embedding_dim),
+            Feature(name="item_topic", kind="sparse", vocab_size=num_topics,
+                    embedding_dim=embedding_dim),
+            Feature(name="history", kind="sequence", vocab_size=items,
+                    embedding_dim=embedding_dim, table="item_id"),
+            *[Feature(name=name, kind="dense") for name in DENSE],
+        ],
+        labels=["label_click", "label_engagement", "label_return"],
+    )
+
+
+def oracle_click_auc(table: pa.Table) -> float:
+    """AUC of the true click probability against the logged clicks: the Bayes-optimal AUC."""
+    return float(roc_auc_score(table.column("label_click").to_numpy(),
+                               table.column("p_click").to_numpy()))
