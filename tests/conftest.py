@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import: kernel tests run on CPU
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

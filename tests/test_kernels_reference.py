@@ -1,4 +1,4 @@
-"""The jagged target-attention reference against a padded, masked dense computation, and its checks."""
+"""The pure-torch references against padded dense (or naive) computations, and the input checks."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from recray.kernels import jagged_target_attention, jagged_to_padded, padded_to_jagged, reference
+from recray.kernels import (
+    jagged_flash_attention,
+    jagged_target_attention,
+    jagged_to_padded,
+    padded_to_jagged,
+    product_key_topk,
+    reference,
+)
 
 LENGTH_CASES = {
     "mixed": [3, 0, 1, 7, 2, 0, 5],
@@ -215,3 +223,182 @@ def test_bad_inputs_are_named(change, message):
     q, k, v, offsets = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("offsets")
     with pytest.raises(ValueError, match=message):
         jagged_target_attention(q, k, v, offsets, **args)
+
+
+def _padded_self_attention(q, k, v, offsets, max_seq_len, causal, activation, scale=None):
+    """Independent baseline: pad, mask (length and causal), dense attention in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    lengths = offsets[1:] - offsets[:-1]
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    qp, kp, vp = (jagged_to_padded(t, offsets, width) for t in (q, k, v))  # [B, L, H, *]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bmhd,bnhd->bhmn", qp, kp) * scale
+    valid = torch.arange(width)[None, :] < lengths[:, None]  # [B, L]
+    allowed = valid[:, None, None, :] & valid[:, None, :, None]
+    if causal:
+        allowed = allowed & torch.ones(width, width, dtype=torch.bool).tril()
+    if activation == "silu":
+        weights = F.silu(scores) / max_seq_len * allowed
+    else:
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return padded_to_jagged(torch.einsum("bhmn,bnhd->bmhd", weights, vp), offsets)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", LENGTH_CASES)
+def test_flash_reference_matches_padded_attention_values_and_gradients(case, causal, activation):
+    lengths = LENGTH_CASES[case]
+    gen = torch.Generator().manual_seed(len(lengths))
+    total = sum(lengths)
+    q, k = (torch.randn(total, 2, 8, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(total, 2, 5, generator=gen).requires_grad_()
+    offsets = _offsets(lengths)
+    max_seq_len = max(lengths) + 4  # larger than needed: the SiLU normaliser must use it
+    out = jagged_flash_attention(q, k, v, offsets, max_seq_len, causal=causal,
+                                 activation=activation)  # fmt: skip
+    expected = _padded_self_attention(q, k, v, offsets, max_seq_len, causal, activation)
+    assert out.shape == (total, 2, 5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    if not total:
+        return
+    upstream = torch.randn(out.shape, generator=gen)
+    got = _grads(out, (q, k, v), upstream)
+    want = _grads(expected, (q, k, v), upstream.double())
+    for name, g, w in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_flash_reference_causal_first_token_copies_its_value():
+    q, k, v = (torch.randn(5, 1, 4) for _ in range(3))
+    out = jagged_flash_attention(q, k, v, _offsets([2, 3]), 3, causal=True)
+    torch.testing.assert_close(out[[0, 2]], v[[0, 2]])
+
+
+def test_flash_reference_bf16_stays_bf16_and_close():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(12, 2, 8, generator=gen).bfloat16() for _ in range(3))
+    offsets = _offsets([7, 0, 5])
+    out = jagged_flash_attention(q, k, v, offsets, 7, causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = _padded_self_attention(q, k, v, offsets, 7, True, "softmax")
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def _memory(batch=5, dim=16, num_a=9, num_b=7, value_dim=6, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, dim), (num_a, dim // 2), (num_b, dim // 2), (num_a * num_b, value_dim)]
+    return [torch.randn(*s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def _naive_product_key(query, keys_a, keys_b, values, k):
+    """Independent baseline: score all na * nb slots, then top-k, in float64."""
+    query, keys_a, keys_b, values = (t.double() for t in (query, keys_a, keys_b, values))
+    half = keys_a.shape[1]
+    scores = (query[:, :half] @ keys_a.T)[:, :, None] + (query[:, half:] @ keys_b.T)[:, None, :]
+    top, slots = scores.flatten(1).topk(k, dim=1)
+    return (torch.softmax(top, 1)[..., None] * values[slots]).sum(1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_product_key_reference_matches_full_scoring(k):
+    inputs = _memory(seed=k)
+    out = product_key_topk(*inputs, k)
+    expected = _naive_product_key(*inputs, k)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(k))
+    got = _grads(out, inputs, upstream)
+    want = _grads(expected, inputs, upstream.double())
+    for name, g, w in zip(["query", "keys_a", "keys_b", "values"], got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_product_key_gradients_reach_only_selected_keys_and_gathered_rows():
+    query, keys_a, keys_b, values = _memory(batch=1, num_a=20, num_b=20)
+    product_key_topk(query, keys_a, keys_b, values, 2).sum().backward()
+    assert int((values.grad.abs().sum(1) > 0).sum()) == 2
+    assert int((keys_a.grad.abs().sum(1) > 0).sum()) <= 2
+    assert int((keys_b.grad.abs().sum(1) > 0).sum()) <= 2
+    assert query.grad.abs().sum() > 0
+
+
+def test_product_key_output_follows_values_dtype():
+    out = product_key_topk(*_memory(dtype=torch.bfloat16), 3)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 6)
+
+
+def _valid_flash():
+    (q, k, v), offsets = _inputs([2, 1, 0])
+    q = torch.randn(3, 2, 8)
+    return {"q": q, "k": k.detach(), "v": v.detach(), "offsets": offsets, "max_seq_len": 2}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update(q=a["q"][:, 0]), r"q: expected shape \[T, H, D\], got \(3, 8\)"),
+        (lambda a: a.update(v=a["v"][None]), r"v: expected shape \[T, H, Dv\]"),
+        (lambda a: a.update(k=a["k"][:2]), r"k, v: expected \(3, 2\) \(tokens, heads\) like q"),
+        (lambda a: a.update(v=a["v"][:, :1]), r"k, v: expected \(3, 2\)"),
+        (lambda a: a.update(k=a["k"][..., :4]), "k: expected head dim 8 like q, got 4"),
+        (lambda a: a.update(q=a["q"].half()), "q, k, v: expected one floating dtype"),
+        (lambda a: a.update(offsets=a["offsets"].float()), "offsets: expected int32 or int64"),
+        (
+            lambda a: a.update(offsets=torch.tensor([0, 2, 1, 3])),
+            "offsets: expected non-decreasing",
+        ),
+        (
+            lambda a: a.update(offsets=torch.tensor([0, 2, 3, 5])),
+            r"offsets: expected offsets\[-1\] == 3 \(tokens in q, k, v\), got 5",
+        ),
+        (
+            lambda a: a.update(max_seq_len=1),
+            "max_seq_len: expected at least the longest sequence length 2, got 1",
+        ),
+        (lambda a: a.update(max_seq_len=2.0), "max_seq_len: expected a non-negative int"),
+        (lambda a: a.update(max_seq_len=-1), "max_seq_len: expected a non-negative int"),
+        (lambda a: a.update(activation="relu"), "activation: expected one of"),
+        (lambda a: a.update(causal=1), "causal: expected a bool"),
+    ],
+)
+def test_flash_bad_inputs_are_named(change, message):
+    args = _valid_flash()
+    change(args)
+    positional = [args.pop(name) for name in ("q", "k", "v", "offsets", "max_seq_len")]
+    with pytest.raises(ValueError, match=message):
+        jagged_flash_attention(*positional, **args)
+
+
+def _valid_memory():
+    query, keys_a, keys_b, values = (t.detach() for t in _memory())
+    return {"query": query, "keys_a": keys_a, "keys_b": keys_b, "values": values, "k": 3}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update(query=a["query"][0]), r"query: expected shape \[B, dim\], got \(16,\)"),
+        (lambda a: a.update(keys_a=a["keys_a"][None]), r"keys_a: expected shape \[na, dim/2\]"),
+        (
+            lambda a: a.update(values=a["values"][..., None]),
+            r"values: expected shape \[na\*nb, dv\]",
+        ),
+        (lambda a: a.update(query=a["query"][:, :15]), "query: expected an even dim"),
+        (
+            lambda a: a.update(keys_b=a["keys_b"][:, :4]),
+            r"keys_b: expected dim 8 \(half of query's\), got 4",
+        ),
+        (
+            lambda a: a.update(values=a["values"][:62]),
+            r"values: expected 63 rows \(na \* nb = 9 \* 7\), got 62",
+        ),
+        (lambda a: a.update(values=a["values"].double()), "expected one floating dtype"),
+        (lambda a: a.update(k=0), r"k: expected an int in \[1, min\(na, nb\) = 7\], got 0"),
+        (lambda a: a.update(k=8), r"k: expected an int in \[1, min\(na, nb\) = 7\], got 8"),
+    ],
+)
+def test_product_key_bad_inputs_are_named(change, message):
+    args = _valid_memory()
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        product_key_topk(**args)

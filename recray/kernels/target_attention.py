@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from recray.kernels import reference
+from recray.kernels.dispatch import check_offsets, check_same_device, use_triton
 
 
 def jagged_target_attention(
@@ -21,14 +22,18 @@ def jagged_target_attention(
     q `[Bq, H, D]`, k `[T, H, D]`, v `[T, H, Dv]`, offsets `[B+1]` (int32/int64) over the T
     tokens. Query i attends to sequence i, or to `query_to_seq[i]` when given (several
     candidates sharing one history without copying it). `scale=None` means 1/sqrt(D).
-    Returns `[Bq, H, Dv]` in q's dtype.
+    Returns `[Bq, H, Dv]` in q's dtype. CUDA tensors run the Triton kernel, CPU tensors the
+    reference (see `recray.kernels.dispatch.use_triton`).
     """
     _check_inputs(q, k, v, offsets, query_to_seq)
-    # CUDA tensors will go to the Triton kernel (its own issue) unless RECRAY_KERNELS=reference;
-    # until then every device runs the reference.
-    return reference.jagged_target_attention(
-        q, k, v, offsets, scale=scale, query_to_seq=query_to_seq
-    )
+    if use_triton(q):
+        # Imported here so that `import recray.kernels` works where triton is absent.
+        from recray.kernels.triton import target_attention as triton_target_attention
+
+        impl = triton_target_attention.jagged_target_attention
+    else:
+        impl = reference.jagged_target_attention
+    return impl(q, k, v, offsets, scale=scale, query_to_seq=query_to_seq)
 
 
 def _check_inputs(
@@ -53,23 +58,8 @@ def _check_inputs(
         raise ValueError(f"k: expected head dim {q.shape[2]} like q, got {k.shape[2]}")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v: expected {k.shape[0]} tokens like k, got {v.shape[0]}")
-    if offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"offsets: expected int32 or int64, got {offsets.dtype}")
-    if offsets.dim() != 1 or offsets.numel() == 0:
-        raise ValueError(f"offsets: expected shape [B+1], got {tuple(offsets.shape)}")
-    if int(offsets[0]) != 0:
-        raise ValueError(f"offsets: expected offsets[0] == 0, got {int(offsets[0])}")
-    decreasing = torch.nonzero(offsets[1:] < offsets[:-1])
-    if decreasing.numel():
-        i = int(decreasing[0])
-        raise ValueError(
-            f"offsets: expected non-decreasing values, got offsets[{i}] = {int(offsets[i])} > "
-            f"offsets[{i + 1}] = {int(offsets[i + 1])}"
-        )
-    if int(offsets[-1]) != k.shape[0]:
-        raise ValueError(
-            f"offsets: expected offsets[-1] == {k.shape[0]} (tokens in k), got {int(offsets[-1])}"
-        )
+    check_same_device(q=q, k=k, v=v, offsets=offsets)
+    check_offsets(offsets, k.shape[0], "k")
     num_seqs = offsets.numel() - 1
     if query_to_seq is None:
         if q.shape[0] != num_seqs:
@@ -87,10 +77,11 @@ def _check_inputs(
         raise ValueError(
             f"query_to_seq: expected {q.shape[0]} entries (one per query), got {query_to_seq.numel()}"
         )
-    if query_to_seq.numel() and (
-        int(query_to_seq.min()) < 0 or int(query_to_seq.max()) >= num_seqs
-    ):
+    check_same_device(q=q, query_to_seq=query_to_seq)
+    if not query_to_seq.numel():
+        return
+    lowest, highest = torch.stack(query_to_seq.aminmax()).tolist()
+    if lowest < 0 or highest >= num_seqs:
         raise ValueError(
-            f"query_to_seq: expected indices in [0, {num_seqs}), got values in "
-            f"[{int(query_to_seq.min())}, {int(query_to_seq.max())}]"
+            f"query_to_seq: expected indices in [0, {num_seqs}), got values in [{lowest}, {highest}]"
         )

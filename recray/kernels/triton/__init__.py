@@ -1,0 +1,1 @@
+"""Triton kernels behind the public ops; imported only when a Triton backend is chosen."""
