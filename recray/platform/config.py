@@ -31,6 +31,11 @@ class OptimSection(_Strict):
     batch_size: int = Field(default=1024, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     shuffle_buffer_rows: int = Field(default=0, ge=0, description="Ray Data local shuffle; 0 = off")
+    global_batches: bool = Field(
+        default=False,
+        description="every worker streams the whole train split and trains on its slice of each "
+        "global batch (batch_size x workers): the data order of one worker, for any worker count",
+    )
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -39,6 +44,44 @@ class OptimSection(_Strict):
 class ScalingSection(_Strict):
     num_workers: int = Field(default=0, ge=0, description="0 = Ray Train local mode")
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    allow_autoscale: bool = Field(
+        default=False, description="allow more workers than the cluster has CPUs right now"
+    )
+
+
+ShardingType = Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise",
+                       "table_row_wise", "table_column_wise", "grid_shard"]
+
+
+class ShardingSection(_Strict):
+    """TorchRec DistributedModelParallel: tables placed by the planner, dense part DDP."""
+
+    enabled: bool = False
+    default_type: ShardingType = "auto"
+    tables: dict[str, ShardingType] = Field(default_factory=dict, description="per-table type")
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    embedding_lr: float | None = Field(default=None, gt=0, description="default: train.lr")
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @model_validator(mode="after")
+    def _offered_on_device(self) -> ShardingSection:
+        if self.device != "cpu":
+            return self
+        from recray.platform.sharding import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES
+
+        asked = {"default_type": self.default_type} | {f"tables.{t}": k for t, k in self.tables.items()}
+        for where, kind in asked.items():
+            if kind != "auto" and kind not in CPU_SHARDING_TYPES:
+                raise ValueError(
+                    f"{where}: {kind!r} is refused by TorchRec on CPU (its CPU sharders offer "
+                    f"{', '.join(CPU_SHARDING_TYPES)}); use one of those, or device: cuda"
+                )
+        if self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"embedding_optimizer: {self.embedding_optimizer!r} has no fused CPU kernel in "
+                f"fbgemm; on CPU use one of {', '.join(CPU_EMBEDDING_OPTIMIZERS)}"
+            )
+        return self
 
 
 class FaultInjection(_Strict):
@@ -57,6 +100,7 @@ class TrainConfig(_Strict):
     train: OptimSection = Field(default_factory=OptimSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage_path: str = "runs"
+    sharding: ShardingSection = Field(default_factory=ShardingSection)
     max_failures: int = Field(default=0, ge=-1, description="-1 = retry forever")
     fault_injection: FaultInjection | None = None
 

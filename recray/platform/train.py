@@ -15,6 +15,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from recray.data.jagged import check_columns, to_batch
 from recray.data.schema import Schema, SchemaError
 from recray.platform.config import ConfigError, TrainConfig
+from recray.platform.sharding import embedding_tables, shard
 
 SPLITS = ("train", "valid", "test")
 
@@ -58,10 +59,33 @@ def validate(cfg: TrainConfig) -> Schema:
             f"model.name: unknown model {cfg.model.name!r}; available: {models.available()}"
         )
     try:
-        models.build(cfg.model.name, schema, **cfg.model.hparams)
+        model = models.build(cfg.model.name, schema, **cfg.model.hparams)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.hparams: {e}") from None
+    tables = {name for _, name in embedding_tables(model)}
+    for table in cfg.sharding.tables:
+        if table not in tables:
+            raise ConfigError(
+                f"sharding.tables: {table!r} is not an embedding table of {cfg.model.name}; "
+                f"its tables are {sorted(tables)}"
+            )
     return schema
+
+
+def check_cluster_fits(cfg: TrainConfig) -> None:
+    """More workers than the running cluster has CPUs would wait forever: refuse before starting."""
+    import ray
+
+    if cfg.scaling.allow_autoscale or cfg.scaling.num_workers == 0:
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if needed > cpus:
+        raise ConfigError(
+            f"scaling.num_workers: {cfg.scaling.num_workers} workers x "
+            f"{cfg.scaling.cpus_per_worker} CPU need {needed:g} CPUs; the cluster has {cpus:g} "
+            "(lower cpus_per_worker, or set scaling.allow_autoscale on an autoscaling cluster)"
+        )
 
 
 # --- the train function (runs in each Ray Train worker) -----------------------------------------
@@ -125,31 +149,46 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model.name, schema, **cfg.model.hparams)
-    optimizer = _optimizer(cfg, model.parameters())
-    start_epoch = 0
+    if cfg.sharding.enabled:
+        _ensure_process_group()
+        model, optimizer, plan = shard(
+            model,
+            default_type=cfg.sharding.default_type,
+            table_types=cfg.sharding.tables,
+            embedding_optimizer=cfg.sharding.embedding_optimizer,
+            embedding_lr=cfg.sharding.embedding_lr or cfg.train.lr,
+            dense_optimizer=lambda params: _optimizer(cfg, params),
+            device=torch.device(cfg.sharding.device),
+        )
+        if rank == 0:
+            print(plan, flush=True)
+    else:
+        optimizer = _optimizer(cfg, model.parameters())
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / "state.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
+    start_epoch = _restore(checkpoint, model, optimizer, cfg) + 1 if checkpoint else 0
     resumed_from = start_epoch - 1 if checkpoint else -1
-    if world > 1:
+    if world > 1 and not cfg.sharding.enabled:  # DMP already wraps the dense part in DDP
         model = ray.train.torch.prepare_model(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     torch.manual_seed(cfg.seed + rank + start_epoch)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
-        started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        started, rows, steps = time.perf_counter(), 0, 0
         train_shard = ray.train.get_dataset_shard("train")
+        local_losses = []
+        global_batch = cfg.train.batch_size * (world if cfg.train.global_batches else 1)
         for table in train_shard.iter_batches(
-            batch_size=cfg.train.batch_size,
+            batch_size=global_batch,
             batch_format="pyarrow",
             local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
             local_shuffle_seed=cfg.seed + epoch,
+            # A short last global batch could leave a rank without rows while the others run a
+            # collective forward (DMP's all-to-all): drop it so every rank steps together.
+            drop_last=cfg.train.global_batches,
         ):
+            if cfg.train.global_batches:
+                table = table.slice(rank * cfg.train.batch_size, cfg.train.batch_size)
             _maybe_fail(cfg, rank, epoch, steps)
             batch = to_batch(table, schema, source="train")
             if len(batch) == 0:
@@ -158,12 +197,15 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            rows, loss_sum, steps = rows + len(batch), loss_sum + float(loss), steps + 1
+            local_losses.append(loss.detach())
+            rows, steps = rows + len(batch), steps + 1
         train_seconds = time.perf_counter() - started
+        curve = _mean_over_ranks(local_losses)
         metrics = {
             "epoch": epoch,
             "resumed_from_epoch": resumed_from,
-            "train_loss": loss_sum / max(steps, 1),
+            "train_loss": float(np.mean(curve)) if curve else float("nan"),
+            "train_loss_curve": curve,
             "train_rows_per_s": rows * world / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
         }
@@ -174,6 +216,24 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             )
         _report(model, optimizer, epoch, metrics, rank, cfg)
     return metrics
+
+
+def _mean_over_ranks(losses: list[torch.Tensor]) -> list[float]:
+    """Per-step loss averaged over workers: one all-reduce per epoch, not per step."""
+    import torch.distributed as dist
+
+    curve = torch.stack(losses) if losses else torch.zeros(0)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Ranks may run different step counts when shards are uneven; pad to the longest.
+        length = torch.tensor([curve.numel()])
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        padded = torch.full((int(length),), float("nan"))
+        padded[: curve.numel()] = curve
+        counts = (~padded.isnan()).float()
+        dist.all_reduce(counts)
+        dist.all_reduce(padded.nan_to_num_(0.0))
+        curve = padded / counts.clamp(min=1)
+    return curve.tolist()
 
 
 def _maybe_fail(cfg: TrainConfig, rank: int, epoch: int, step: int) -> None:
@@ -189,33 +249,79 @@ def _maybe_fail(cfg: TrainConfig, rank: int, epoch: int, step: int) -> None:
     os._exit(1)
 
 
+def _ensure_process_group() -> None:
+    """DMP needs a process group; Ray Train's local mode makes none, so make a 1-rank gloo one."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+# Checkpoints: a sharded model is saved by every rank with torch.distributed.checkpoint (each
+# writes its own shards; nothing is pickled); a replicated one by rank 0 with torch.save, loaded
+# with weights_only=True. `epoch.json` says which epoch the checkpoint closes.
+def _restore(checkpoint, model, optimizer, cfg: TrainConfig) -> int:
+    """Load a checkpoint into model and optimizer; return the epoch it closed."""
+    import json
+
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if cfg.sharding.enabled:
+            import torch.distributed.checkpoint as dcp
+
+            optimizer.init_state()  # materialise optimizer state so DCP has tensors to fill
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            dcp.load(state, checkpoint_id=str(folder / "dcp"))
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            state = torch.load(folder / "state.pt", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        return int(json.loads((folder / "epoch.json").read_text())["epoch"])
+
+
 def _report(
     model, optimizer, epoch: int, metrics: dict[str, float], rank: int, cfg: TrainConfig
 ) -> None:
-    """Report this epoch; rank 0 attaches the checkpoint (weights, optimizer state, epoch).
+    """Report this epoch with its checkpoint (weights, optimizer state, epoch).
 
     Ray Train copies a reported checkpoint into its storage, except in local mode, where it keeps
-    the path as given: there we write straight into the run's folder so the checkpoint outlives
-    this function.
+    the path as given: there we write straight into the run's folder so it outlives this call.
     """
+    import json
+
     import ray.train
 
     local_mode = cfg.scaling.num_workers == 0
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            folder = (
-                Path(cfg.storage_path) / cfg.name / f"checkpoint_epoch_{epoch:04d}"
-                if local_mode
-                else Path(tmp)
-            )
-            folder.mkdir(parents=True, exist_ok=True)
+        folder = (
+            Path(cfg.storage_path) / cfg.name / f"checkpoint_epoch_{epoch:04d}"
+            if local_mode
+            else Path(tmp)
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        if cfg.sharding.enabled:
+            import torch.distributed.checkpoint as dcp
+
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            dcp.save(state, checkpoint_id=str(folder / "dcp"))  # collective: every rank writes
+        elif rank == 0:
             module = getattr(model, "module", model)
             torch.save(
-                {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                {"model": module.state_dict(), "optimizer": optimizer.state_dict()},
                 folder / "state.pt",
             )
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        if rank == 0:
+            (folder / "epoch.json").write_text(json.dumps({"epoch": epoch}))
+        has_files = rank == 0 or cfg.sharding.enabled
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -228,6 +334,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    check_cluster_fits(cfg)
 
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = True
@@ -252,6 +362,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["valid", "test"] if cfg.train.global_batches else "all"
+        ),
     )
     started = time.perf_counter()
     result = trainer.fit()
