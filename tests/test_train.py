@@ -128,16 +128,18 @@ def test_fault_injection_needs_a_worker_process(sim_dir, tmp_path):
 
 @pytest.mark.ray
 def test_killed_worker_resumes_from_checkpoint_with_the_same_auc(sim_dir, tmp_path, ray_local):
-    """A worker process exits mid-epoch 2; Ray restarts it from the epoch-1 checkpoint.
+    """A sharded worker process exits mid-epoch 2; Ray restarts both from the epoch-1 checkpoint.
 
-    Checkpoint interval = 1 epoch, so at most the steps of the interrupted epoch are redone and
-    none are skipped: the final model equals the uninterrupted one's.
+    Checkpoint interval = 1 epoch (DCP, every rank writes its shards), so at most the steps of
+    the interrupted epoch are redone and none are skipped: the final model equals the
+    uninterrupted one's. `global_batches` fixes the data order across restarts.
     """
-    base = _config(sim_dir, tmp_path, train__epochs=2, scaling__num_workers=1,
-                   scaling__cpus_per_worker=1, max_failures=1)
+    base = _config(sim_dir, tmp_path, train__epochs=2, train__global_batches=True,
+                   scaling__num_workers=2, scaling__cpus_per_worker=0.5, max_failures=1)
+    base["sharding"] = {"enabled": True, "default_type": "table_wise"}
     clean = fit(TrainConfig.model_validate({**base, "name": "clean"}))["metrics"]
     failed = fit(TrainConfig.model_validate(
-        {**base, "name": "faulty", "fault_injection": {"epoch": 1, "step": 3}}))["metrics"]
+        {**base, "name": "faulty", "fault_injection": {"epoch": 1, "step": 3, "rank": 1}}))["metrics"]
     assert (tmp_path / "runs" / "faulty" / "fault_injected").exists()
     assert failed["resumed_from_epoch"] == 0 and clean["resumed_from_epoch"] == -1
     assert abs(failed["test_auc"] - clean["test_auc"]) < 0.001, (clean, failed)
