@@ -26,6 +26,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py --out benchmarks/results/data_pipeline.json
+	RAY_AUTH_MODE=disabled $(BIN)/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+	$(BIN)/python benchmarks/simulators.py --out benchmarks/results/simulators.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check recray tests benchmarks

@@ -59,7 +59,7 @@ def test_unknown_table_is_named(sim_dir, tmp_path):
 def test_more_workers_than_cpus_fails_fast(sim_dir, tmp_path, ray_local):
     cfg = TrainConfig.model_validate(_cfg(sim_dir, tmp_path, scaling={"num_workers": 4, "cpus_per_worker": 1}))
     started = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"scaling\.num_workers: 4 workers x 1.0 CPU need 4 CPUs; the cluster has 2"):
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers: 4 workers x 1 CPU need 4 CPUs and Ray Data needs 1 more; the cluster has 2"):
         check_cluster_fits(cfg)
     assert time.perf_counter() - started < 1.0
 

@@ -80,11 +80,13 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         return
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if needed > cpus:
+    # Ray Data's read tasks need CPUs too: workers holding every CPU wait forever for their data.
+    if needed > cpus - 1:
         raise ConfigError(
             f"scaling.num_workers: {cfg.scaling.num_workers} workers x "
-            f"{cfg.scaling.cpus_per_worker} CPU need {needed:g} CPUs; the cluster has {cpus:g} "
-            "(lower cpus_per_worker, or set scaling.allow_autoscale on an autoscaling cluster)"
+            f"{cfg.scaling.cpus_per_worker:g} CPU need {needed:g} CPUs and Ray Data needs 1 more; "
+            f"the cluster has {cpus:g} (lower cpus_per_worker, or set scaling.allow_autoscale on "
+            "an autoscaling cluster)"
         )
 
 

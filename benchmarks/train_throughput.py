@@ -1,0 +1,105 @@
+"""Training throughput of one model: plain single-process torch loop vs Ray Train 1 worker vs 2 sharded workers.
+
+    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+
+All three read the same simulated Parquet split, convert with `to_batch`, and train the same model
+with the same batch size; samples/s counts training rows over the epoch loop (start-up excluded,
+reported separately as wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from recray import models
+from recray.data.jagged import to_batch
+from recray.data.schema import Schema
+from recray.data.simulate import WorldConfig, simulate
+from recray.platform.config import TrainConfig
+from recray.platform.train import fit
+
+
+def plain_loop(data: Path, model_name: str, batch_size: int, epochs: int, lr: float) -> dict:
+    # As many threads as a Ray worker gets (Ray sets OMP_NUM_THREADS to its CPU count).
+    torch.set_num_threads(max((os.cpu_count() or 2) - 1, 1))
+    schema = Schema.load(data)
+    torch.manual_seed(0)
+    model = models.build(model_name, schema)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rows, started = 0, time.perf_counter()
+    for _ in range(epochs):
+        for rb in pq.ParquetFile(data / "train.parquet").iter_batches(batch_size=batch_size):
+            batch = to_batch(rb, schema)
+            loss = loss_fn(model(batch), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows += len(batch)
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": rows / seconds, "train_seconds": seconds, "wall_seconds": seconds}
+
+
+def ray_run(data: Path, storage: str, model_name: str, batch_size: int, epochs: int, lr: float,
+            workers: int, cpus: float, sharded: bool) -> dict:
+    cfg = TrainConfig.model_validate({
+        "name": f"bench-{workers}-{sharded}", "data": {"path": str(data)},
+        "model": {"name": model_name}, "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+        "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
+        "sharding": {"enabled": sharded, "default_type": "table_wise"}, "storage_path": storage,
+    })
+    metrics = fit(cfg)["metrics"]
+    return {"samples_per_s": metrics["train_rows_per_s"], "train_seconds": metrics["train_seconds"],
+            "wall_seconds": metrics["wall_seconds"], "test_auc": metrics["test_auc"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dcnv2")
+    parser.add_argument("--impressions", type=int, default=300_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "sim"
+        simulate(data, WorldConfig(num_impressions=args.impressions))
+        common = (args.model, args.batch_size, args.epochs, 3e-3)
+        results = {"plain_torch_loop": plain_loop(data, *common)}
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            # One CPU stays free for Ray Data's read tasks (workers holding all CPUs starve them).
+            worker_cpus = max(os.cpu_count() - 1, 1)
+            results["ray_train_1_worker"] = ray_run(data, tmp, *common, workers=1,
+                                                    cpus=worker_cpus, sharded=False)
+            results["ray_train_2_sharded_workers"] = ray_run(data, tmp, *common, workers=2,
+                                                             cpus=worker_cpus / 2, sharded=True)
+        finally:
+            ray.shutdown()
+    plain = results["plain_torch_loop"]["samples_per_s"]
+    report = {
+        "benchmark": "train_throughput", "model": args.model, "batch_size": args.batch_size,
+        "epochs": args.epochs, "train_rows": int(args.impressions * 0.8), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "results": results,
+        "ratios_vs_plain": {k: v["samples_per_s"] / plain for k, v in results.items()},
+        "goal": "ray_train_1_worker >= 0.9 x plain_torch_loop",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: round(v["samples_per_s"]) for k, v in results.items()}),
+          json.dumps({k: round(v, 3) for k, v in report["ratios_vs_plain"].items()}))
+
+
+if __name__ == "__main__":
+    main()
