@@ -31,6 +31,7 @@ class OptimSection(_Strict):
     batch_size: int = Field(default=1024, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     shuffle_buffer_rows: int = Field(default=0, ge=0, description="Ray Data local shuffle; 0 = off")
+    prefetch_batches: int = Field(default=4, ge=0, description="batches Ray Data prepares ahead")
     global_batches: bool = Field(
         default=False,
         description="every worker streams the whole train split and trains on its slice of each "

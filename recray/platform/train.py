@@ -176,7 +176,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
-        started, rows, steps = time.perf_counter(), 0, 0
+        started, rows, steps, compute_seconds = time.perf_counter(), 0, 0, 0.0
         train_shard = ray.train.get_dataset_shard("train")
         local_losses = []
         global_batch = cfg.train.batch_size * (world if cfg.train.global_batches else 1)
@@ -185,6 +185,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             batch_format="pyarrow",
             local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
             local_shuffle_seed=cfg.seed + epoch,
+            prefetch_batches=cfg.train.prefetch_batches,
             # A short last global batch could leave a rank without rows while the others run a
             # collective forward (DMP's all-to-all): drop it so every rank steps together.
             drop_last=cfg.train.global_batches,
@@ -192,6 +193,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             if cfg.train.global_batches:
                 table = table.slice(rank * cfg.train.batch_size, cfg.train.batch_size)
             _maybe_fail(cfg, rank, epoch, steps)
+            step_started = time.perf_counter()
             batch = to_batch(table, schema, source="train")
             if len(batch) == 0:
                 continue
@@ -201,6 +203,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             optimizer.step()
             local_losses.append(loss.detach())
             rows, steps = rows + len(batch), steps + 1
+            compute_seconds += time.perf_counter() - step_started
         train_seconds = time.perf_counter() - started
         curve = _mean_over_ranks(local_losses)
         metrics = {
@@ -210,6 +213,8 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             "train_loss_curve": curve,
             "train_rows_per_s": rows * world / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
+            # Time the loop spent waiting for Ray Data: near train_seconds means input-bound.
+            "train_data_wait_seconds": train_seconds - compute_seconds,
         }
         evaluated = ("valid", "test") if epoch == cfg.train.epochs - 1 else ("valid",)
         for split in evaluated:
