@@ -124,7 +124,8 @@ def evaluate(model, shard, schema: Schema, batch_size: int, split: str) -> dict[
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         batch = to_batch(table, schema, source=split)
         labels.append(batch.labels.numpy())
-        probs.append(torch.sigmoid(model(batch)).numpy())
+        device = next(model.parameters()).device
+        probs.append(torch.sigmoid(model(batch.to(device))).cpu().numpy())
     model.train()
     n_tasks = len(schema.labels)
     local = (
@@ -172,6 +173,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
     if world > 1 and not cfg.sharding.enabled:  # DMP already wraps the dense part in DDP
         model = ray.train.torch.prepare_model(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    device = torch.device(cfg.sharding.device)  # GPU path written for DMP, not yet run on a GPU
     torch.manual_seed(cfg.seed + rank + start_epoch)
 
     metrics: dict[str, float] = {}
@@ -195,6 +197,8 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             _maybe_fail(cfg, rank, epoch, steps)
             step_started = time.perf_counter()
             batch = to_batch(table, schema, source="train")
+            if device.type != "cpu":
+                batch = batch.to(device, non_blocking=True)
             if len(batch) == 0:
                 continue
             loss = loss_fn(model(batch), batch.labels)
@@ -354,13 +358,15 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     datasets = {
         split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
     }
+    on_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(), "schema": schema.model_dump()},
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            use_gpu=on_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if on_gpu else {}),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
