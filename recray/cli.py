@@ -13,6 +13,7 @@ VERBS = {
     "train": "train a model on Ray Train from a YAML config",
     "demo": "the embedded default: simulate, train, evaluate, report",
     "submit": "submit a job to a Ray cluster (JobSubmissionClient) and follow it",
+    "simulate": "simulator tools: calibrate a world to a real log",
 }
 
 

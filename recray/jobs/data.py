@@ -9,6 +9,7 @@ from pathlib import Path
 
 from recray.data.simulate import WorldConfig
 from recray.jobs import main_for
+from recray.simulators.logging_policy import LogConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     simulate.add_argument("--items", type=int, default=WorldConfig.num_items)
     simulate.add_argument("--impressions", type=int, default=WorldConfig.num_impressions)
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--world", choices=("parametric", "creator"), default="parametric",
+                          help="parametric click model, or a CreatorEcosystem log under a "
+                               "logging policy with propensities")
+    simulate.add_argument("--days", type=int, default=LogConfig.days, help="creator world only")
+    simulate.add_argument("--creators", type=int, default=100, help="creator world only")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +40,14 @@ def run(args: argparse.Namespace) -> int:
 
         out = prepare(args.name, args.src, args.out, split_files=args.split_files, seed=args.seed)
         print(f"wrote {out}")
+        return 0
+    if args.world == "creator":
+        from recray.simulators.logging_policy import write_creator_log
+
+        cfg = LogConfig(num_users=args.users, days=args.days, seed=args.seed,
+                        world={"num_creators": args.creators})
+        oracle = write_creator_log(args.out, cfg)
+        print(f"wrote {args.out}; oracle click AUC (true click model): {json.dumps(oracle)}")
         return 0
     from recray.data.simulate import simulate
 

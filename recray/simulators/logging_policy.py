@@ -3,27 +3,32 @@
 One row per shown item per session, in the foundation's Parquet conventions (recray/data): int64
 ids, a jagged `list<int64>` user history (item ids clicked before this session, oldest first),
 float32 dense features, float32 labels `label_click`, `label_engagement` (watch minutes) and
-`label_return` (the user came back the next day), plus the truth columns `p_click` (the true
+`label_return` (the user came back the next day), the int64 `day` of the impression (rows are in
+time order), plus the truth columns `p_click` (the true
 click probability of that slot in that slate) and `propensity` (the logging policy's probability
 of putting that item in that slot, given the slots above it), which are not features.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from recray.data.schema import Feature, Schema
 from recray.simulators import CREATOR_ECOSYSTEM
-from recray.simulators.creator_ecosystem import _expected_engagement
+from recray.simulators.creator_ecosystem import CreatorEcosystem, _expected_engagement
 
 DENSE = ("position", "clickbait", "log_clicks", "ctr", "age")
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
     offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int32)
     columns: dict[str, pa.Array] = {
         "user_id": pa.array(rows["user_id"], pa.int64()),
+        "day": pa.array(rows["day"], pa.int64()),
         "item_id": pa.array(rows["item_id"], pa.int64()),
         "creator_id": pa.array(rows["creator_id"], pa.int64()),
         "item_topic": pa.array(doc[:, :num_topics].argmax(axis=1), pa.int64()),
@@ -148,3 +154,25 @@ def oracle_click_auc(table: pa.Table) -> float:
     """AUC of the true click probability against the logged clicks: the Bayes-optimal AUC."""
     return float(roc_auc_score(table.column("label_click").to_numpy(),
                                table.column("p_click").to_numpy()))
+
+
+def write_creator_log(out: str | Path, cfg: LogConfig = LogConfig()) -> dict[str, dict[str, float]]:
+    """Write train/valid/test Parquet, schema.yaml and oracle.json; return the oracle click AUCs.
+
+    The split is time-ordered 8:1:1 over the rows, which are logged in (day, session) order: a
+    model is validated and tested on later days than it trained on, as it would be deployed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = simulate_creator_log(cfg)
+    n_train, n_valid = int(0.8 * table.num_rows), int(0.9 * table.num_rows)
+    bounds = {"train": (0, n_train), "valid": (n_train, n_valid), "test": (n_valid, table.num_rows)}
+    oracle = {}
+    for name, (start, stop) in bounds.items():
+        part = table.slice(start, stop - start)
+        pq.write_table(part, out / f"{name}.parquet")
+        oracle[name] = {"auc": oracle_click_auc(part)}
+    num_topics = cfg.world.get("num_topics", CreatorEcosystem.num_topics)
+    schema_for_log(table, num_topics=num_topics).save(out)
+    (out / "oracle.json").write_text(json.dumps({"oracle": oracle, "world": asdict(cfg)}, indent=2))
+    return oracle
