@@ -127,7 +127,7 @@ class Schema(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise SchemaError(f"{source}: {_describe(e, data)}") from None
+            raise SchemaError(f"{source}: {describe_errors(e, data)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:
@@ -151,8 +151,8 @@ class Schema(BaseModel):
         return path
 
 
-def _describe(error: ValidationError, data: object) -> str:
-    """One line per problem, naming the field path with feature names rather than list indices."""
+def describe_errors(error: ValidationError, data: object = None) -> str:
+    """One clause per problem: the field path (features by name, not list index) and the value."""
     lines = []
     for err in error.errors():
         loc = list(err["loc"])

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recray.data.schema import describe_errors
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file, the field and the value."""
@@ -121,16 +123,6 @@ class TrainConfig(_Strict):
         return str(Path(value).expanduser().resolve())
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        value = err.get("input")
-        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-        parts.append(f"{where}: {err['msg']}{shown}")
-    return "; ".join(parts)
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -148,7 +140,7 @@ def parse(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from None
+        raise ConfigError(f"{source}: {describe_errors(e)}") from None
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
