@@ -75,15 +75,20 @@ def crossover_sensitivity(low: float = 0.01, high: float = 1.0, num_users: int =
     return float(np.sqrt(low * high))
 
 
-def ecosystem_days(name: str, days: int = 30, num_users: int = 1000, num_creators: int = 100,
-                   seed: int = 0, **params: Any) -> dict[str, Any]:
-    """Run CreatorEcosystem under a named policy: daily engagement and end-of-run world metrics."""
+def ecosystem_days(name: str | Policy, days: int = 30, num_users: int = 1000,
+                   num_creators: int = 100, seed: int = 0, **params: Any) -> dict[str, Any]:
+    """Run CreatorEcosystem under a policy (or a named one): daily engagement and world metrics.
+
+    `daily_active_users` in the result is the count on the morning after the last day, i.e.
+    the users retained at day `days`.
+    """
     from recray.simulators import CREATOR_ECOSYSTEM
 
     env = gym.make_vec(CREATOR_ECOSYSTEM, num_envs=num_users,
                        vectorization_mode="vector_entry_point", num_creators=num_creators,
                        horizon_days=days, **params)
-    policy = make_policy(name, CREATOR_ECOSYSTEM, env.single_action_space.shape[0])
+    policy = name if isinstance(name, Policy) else make_policy(
+        name, CREATOR_ECOSYSTEM, env.single_action_space.shape[0])
     obs, info = env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     daily = np.zeros(days)

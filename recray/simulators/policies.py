@@ -18,14 +18,23 @@ named policy to the right columns:
   observed engagement.
 - `exposure_aware`: a base score minus a penalty that grows with the exposure its creator already
   got, so that starved creators get shown (CreatorEcosystem).
+- `ModelPolicy` / `model_policy(...)`: a `recray.models` model scoring CreatorEcosystem
+  candidates from the columns of the logged data only (built from a schema and a model, so it
+  is not a `make_policy` name).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from torch import nn
+
+    from recray.data.schema import Schema
 
 Scores = Callable[[dict, dict | None], np.ndarray]
 Arms = Callable[[dict], np.ndarray]
@@ -256,3 +265,114 @@ def make_policy(name: str, env_id: str, slate_size: int, **kwargs: Any) -> Polic
         raise ValueError(f"name: {name!r} is not a policy for {env_id}; choose from "
                          f"{['random', *sorted(wiring)]}")
     return wiring[name]()
+
+
+class ModelPolicy(Policy):
+    """Ranks CreatorEcosystem candidates by a `recray.models` model's logit for one label.
+
+    Each (user, candidate) pair becomes one row of the columns `simulate_creator_log` writes
+    (ids, item topic, the public doc features, position 0, the user's click history), so a model
+    trained on that log scores candidates from logged features only. The history is what this
+    policy has logged itself from its own `update` calls: the observation carries only a topic
+    histogram, and the simulator's latent state is off limits.
+    """
+
+    def __init__(self, slate_size: int, schema: Schema, model: nn.Module, label: str = "label_click",
+                 num_topics: int = 10, history_length: int = 20) -> None:
+        super().__init__(slate_size)
+        if label not in schema.labels:
+            raise ValueError(f"label: {label!r} is not a label of the schema; choose from "
+                             f"{schema.labels}")
+        self.schema, self.model = schema, model.eval()
+        self.label_index = schema.labels.index(label)
+        self.num_topics, self.history_length = num_topics, history_length
+        self.history: np.ndarray | None = None  # [users, history_length] item ids, -1 = empty
+
+    def _ensure(self, num_users: int) -> None:
+        if self.history is None or len(self.history) != num_users:
+            self.history = np.full((num_users, self.history_length), -1, dtype=np.int64)
+
+    def _in_vocab(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Ids of feature `name` mapped into its embedding table.
+
+        Items, creators and users keep arriving after the log a model was trained on, so their
+        ids run past the vocabulary; a non-negative modulo shares trained rows among the new ids
+        (as `hash_buckets` features do) where the data loader would reject them.
+        """
+        return np.mod(ids, self.schema.feature(name).num_embeddings)
+
+    def rows(self, obs: dict) -> pa.Table:
+        """The `[N * num_candidates]` feature table of every (user, candidate) pair."""
+        import pyarrow as pa
+
+        users, candidates = obs["item_id"].shape
+        self._ensure(users)
+        doc = obs["doc"].reshape(users * candidates, -1)
+        history = np.repeat(self.history, candidates, axis=0)
+        mask = history >= 0
+        offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int32)
+        ids = {
+            "user_id": np.repeat(np.arange(users), candidates),
+            "item_id": obs["item_id"].ravel(),
+            "creator_id": obs["creator_id"].ravel(),
+            "item_topic": doc[:, :self.num_topics].argmax(axis=1),
+        }
+        columns: dict[str, Any] = {}
+        for feature in self.schema.features:
+            name = feature.name
+            if name in ids:
+                columns[name] = pa.array(self._in_vocab(name, ids[name]), pa.int64())
+            elif name == "history":
+                values = self._in_vocab(feature.table or name, history[mask])
+                columns[name] = pa.ListArray.from_arrays(pa.array(offsets),
+                                                         pa.array(values, pa.int64()))
+            elif name == "position":
+                columns[name] = pa.array(np.zeros(len(doc), np.float32))
+            elif name in ("clickbait", "log_clicks", "ctr", "age"):
+                i = ("clickbait", "log_clicks", "ctr", "age").index(name)
+                columns[name] = pa.array(doc[:, self.num_topics + i].astype(np.float32))
+            else:
+                raise ValueError(f"schema: feature {name!r} is not a logged CreatorEcosystem "
+                                 f"column this policy can build")
+        for label in self.schema.labels:  # the batch format carries labels; scoring ignores them
+            columns[label] = pa.array(np.zeros(len(doc), np.float32))
+        return pa.table(columns)
+
+    def scores(self, obs: dict, rng: np.random.Generator, info: dict | None) -> np.ndarray:
+        import torch
+
+        from recray.data.jagged import to_batch
+
+        batch = to_batch(self.rows(obs), self.schema, source="ModelPolicy")
+        with torch.no_grad():
+            logits = self.model(batch)[:, self.label_index]
+        return logits.double().numpy().reshape(obs["item_id"].shape)
+
+    def update(self, obs: dict, actions: np.ndarray, reward: np.ndarray, next_obs: dict,
+               done: np.ndarray) -> None:
+        self._ensure(len(actions))
+        rows = served_rows(obs)
+        click = next_obs["response"]["click"][rows].astype(bool)
+        shown = np.take_along_axis(obs["item_id"][rows], actions[rows], axis=1)
+        clicked_rows, slots = np.nonzero(click)
+        users = rows[clicked_rows]
+        # At most one click per session, so one shift per user keeps the newest item last.
+        self.history[users] = np.concatenate(
+            [self.history[users, 1:], shown[clicked_rows, slots][:, None]], axis=1)
+        self.history[done] = -1
+
+
+def model_policy(slate_size: int, schema: Schema, model_name: str, checkpoint: str | None = None,
+                 label: str = "label_click", **hparams: Any) -> ModelPolicy:
+    """A `ModelPolicy` over `recray.models.build(model_name, schema, **hparams)`.
+
+    `checkpoint` is a recray checkpoint's `state.pt`, whose `"model"` entry is the state dict.
+    """
+    import torch
+
+    from recray.models import build
+
+    model = build(model_name, schema, **hparams)
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    return ModelPolicy(slate_size, schema, model, label=label)
