@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 import torch
 
 from recray.data.jagged import to_batch
-from recray.data.parquet import read_batches
 from recray.data.schema import Feature, Schema
 
 NUM_SPARSE = 26
@@ -96,8 +95,8 @@ def main() -> None:
                 pass
 
         def parquet_to_kjt() -> None:
-            for _ in read_batches(path, schema, args.batch_size):
-                pass
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=args.batch_size, use_threads=False):
+                to_batch(rb, schema)
 
         def arrow_to_kjt() -> None:
             for rb in in_memory:

@@ -98,9 +98,7 @@ def list_column_to_jagged(arr: pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(values), torch.from_numpy(lengths)
 
 
-def _id_column(
-    arr: pa.Array, feature: Feature, source: str, checked: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _id_column(arr: pa.Array, feature: Feature, source: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(values, lengths) of one id column; lengths None means one id per row."""
     if pa.types.is_integer(arr.type):
         if arr.null_count:
@@ -111,8 +109,6 @@ def _id_column(
         values, lengths = _numpy_view(arr), None
     else:
         values, lengths = _list_column(arr)
-    if checked and feature.vocab_size is not None:
-        return values, lengths
     return _ids_in_range(values, feature, source), lengths
 
 
@@ -139,14 +135,8 @@ def _float_column(arr: pa.Array, name: str, source: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def to_batch(
-    data: pa.RecordBatch | pa.Table, schema: Schema, source: str = "batch", ids_checked: bool = False
-) -> Batch:
-    """Convert one Arrow record batch (or single-chunk table) into a `Batch`.
-
-    `ids_checked=True` skips the per-batch range check of `vocab_size` ids: pass it only when the
-    range is already proven for the whole file (`recray.data.parquet.ids_in_range`).
-    """
+def to_batch(data: pa.RecordBatch | pa.Table, schema: Schema, source: str = "batch") -> Batch:
+    """Convert one Arrow record batch (or single-chunk table) into a `Batch`."""
     if isinstance(data, pa.Table):  # a single-chunk table converts without copying
         chunks = data.combine_chunks().to_batches()
         data = chunks[0] if chunks else pa.RecordBatch.from_pylist([], schema=data.schema)
@@ -163,7 +153,7 @@ def to_batch(
     labels = torch.from_numpy(np.stack(label_cols, axis=1).astype(np.float32, copy=False))
 
     id_features = schema.id_features
-    parts = [_id_column(data.column(f.name), f, source, ids_checked) for f in id_features]
+    parts = [_id_column(data.column(f.name), f, source) for f in id_features]
     # One concatenation of all features' ids per batch; lengths start as ones (single ids) and
     # list features overwrite their segment.
     lengths = np.ones(len(id_features) * rows, dtype=np.int32)
