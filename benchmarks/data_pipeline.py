@@ -46,13 +46,16 @@ def make_schema() -> Schema:
     return Schema(features=features, labels=["label"])
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def best_seconds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds per variant, run round-robin so that drift in clock speed or
+    cache state over the run cannot favour whichever variant happens to run first."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for name, fn in variants.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(t) for name, t in times.items()}
 
 
 def pandas_padded(table: pa.Table, batch_size: int) -> None:
@@ -75,7 +78,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--mean-history", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data_pipeline.json"))
     args = parser.parse_args()
 
@@ -114,7 +117,7 @@ def main() -> None:
             "pandas_padded": lambda: pandas_padded(table, args.batch_size),
         }
         arrow_to_kjt()  # warm-up: first TorchRec/KJT calls pay one-off costs
-        seconds = {name: best_seconds(fn, args.repeats) for name, fn in variants.items()}
+        seconds = best_seconds(variants, args.repeats)
     rows_per_s = {name: args.rows / s for name, s in seconds.items()}
     result = {
         "benchmark": "data_pipeline",
