@@ -122,4 +122,4 @@ def test_creator_log_splits_convert_and_validate_for_din(tmp_path, capsys):
     oracle = json.loads((tmp_path / "oracle.json").read_text())["oracle"]
     assert 0.5 < oracle["test"]["auc"] < 1.0
     cfg = TrainConfig.model_validate({"data": {"path": str(tmp_path)}, "model": {"name": "din"}})
-    assert validate(cfg).labels == ["label_click", "label_engagement", "label_return"]
+    assert validate(cfg).labels == ["label_click", "label_long_view", "label_return"]

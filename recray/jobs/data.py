@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     simulate.add_argument("--items", type=int, default=WorldConfig.num_items)
     simulate.add_argument("--impressions", type=int, default=WorldConfig.num_impressions)
     simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--world", choices=("parametric", "creator"), default="parametric",
-                          help="parametric click model, or a CreatorEcosystem log under a "
-                               "logging policy with propensities")
+    simulate.add_argument("--world", choices=("creator", "parametric"), default="creator",
+                          help="creator: a CreatorEcosystem log under a logging policy with "
+                               "propensities (the simulated world); parametric: the latent-factor "
+                               "click model the demo uses")
     simulate.add_argument("--days", type=int, default=LogConfig.days, help="creator world only")
     simulate.add_argument("--creators", type=int, default=100, help="creator world only")
 

@@ -2,9 +2,9 @@
 
 One row per shown item per session, in the foundation's Parquet conventions (recray/data): int64
 ids, a jagged `list<int64>` user history (item ids clicked before this session, oldest first),
-float32 dense features, float32 labels `label_click`, `label_engagement` (watch minutes) and
-`label_return` (the user came back the next day), the int64 `day` of the impression (rows are in
-time order), plus the truth columns `p_click` (the true
+float32 dense features, float32 binary labels `label_click`, `label_long_view` (watched at least
+LONG_VIEW_MINUTES) and `label_return` (the user came back the next day), the int64 `day` of the
+impression (rows are in time order), the float32 `engagement_minutes`, plus the truth columns `p_click` (the true
 click probability of that slot in that slate) and `propensity` (the logging policy's probability
 of putting that item in that slot, given the slots above it), which are not features.
 """
@@ -28,6 +28,9 @@ from recray.simulators import CREATOR_ECOSYSTEM
 from recray.simulators.creator_ecosystem import CreatorEcosystem, _expected_engagement
 
 DENSE = ("position", "clickbait", "log_clicks", "ctr", "age")
+# Engagement is logged as minutes and, as a task, binarised like KuaiRand's long_view: every
+# task of the zoo is a binary one trained with BCE and judged by AUC.
+LONG_VIEW_MINUTES = 3.0
 SPLITS = ("train", "valid", "test")
 
 
@@ -90,7 +93,7 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
             "history": np.repeat(history, k, axis=0),
             "position": np.tile(np.arange(k), len(users)),
             "label_click": response["click"][users].ravel(),
-            "label_engagement": response["engagement"][users].ravel(),
+            "engagement": response["engagement"][users].ravel(),
             "p_click": info["p_click"][users].ravel(),
             "propensity": propensity[users].ravel(),
         })
@@ -117,8 +120,10 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
         columns[name] = pa.array(doc[:, num_topics + i].astype(np.float32))
     columns.update({
         "label_click": pa.array(rows["label_click"].astype(np.float32)),
-        "label_engagement": pa.array(rows["label_engagement"].astype(np.float32)),
+        "label_long_view": pa.array(
+            (rows["engagement"] >= LONG_VIEW_MINUTES).astype(np.float32)),
         "label_return": pa.array(returned.astype(np.float32)),
+        "engagement_minutes": pa.array(rows["engagement"].astype(np.float32)),
         "p_click": pa.array(rows["p_click"].astype(np.float32)),
         "propensity": pa.array(rows["propensity"].astype(np.float32)),
     })
@@ -146,7 +151,7 @@ def schema_for_log(table: pa.Table, num_topics: int = 10, embedding_dim: int = 1
                     embedding_dim=embedding_dim, table="item_id"),
             *[Feature(name=name, kind="dense") for name in DENSE],
         ],
-        labels=["label_click", "label_engagement", "label_return"],
+        labels=["label_click", "label_long_view", "label_return"],
     )
 
 
