@@ -24,8 +24,6 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from recray.data.schema import Feature, Schema
 
-SPLITS = ("train", "valid", "test")
-
 
 @dataclass(frozen=True)
 class WorldConfig:

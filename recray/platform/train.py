@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from recray.data import SPLITS
 from recray.data.jagged import check_columns, to_batch
 from recray.data.schema import Schema, SchemaError
 from recray.platform.config import ConfigError, TrainConfig
 from recray.platform.sharding import embedding_tables, shard
-
-SPLITS = ("train", "valid", "test")
 
 
 # --- validation: everything that can fail fails here, in the driver, before any worker ----------
@@ -120,12 +119,14 @@ def evaluate(model, shard, schema: Schema, batch_size: int, split: str) -> dict[
     import torch.distributed as dist
 
     model.eval()
+    device = next(model.parameters()).device
     labels, probs = [], []
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         batch = to_batch(table, schema, source=split)
         labels.append(batch.labels.numpy())
-        device = next(model.parameters()).device
-        probs.append(torch.sigmoid(model(batch.to(device))).cpu().numpy())
+        if device.type != "cpu":
+            batch = batch.to(device, non_blocking=True)
+        probs.append(torch.sigmoid(model(batch)).cpu().numpy())
     model.train()
     n_tasks = len(schema.labels)
     local = (

@@ -31,7 +31,6 @@ DENSE = ("position", "clickbait", "log_clicks", "ctr", "age")
 # Engagement is logged as minutes and, as a task, binarised like KuaiRand's long_view: every
 # task of the zoo is a binary one trained with BCE and judged by AUC.
 LONG_VIEW_MINUTES = 3.0
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)

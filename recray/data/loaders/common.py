@@ -12,10 +12,10 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from recray.data import SPLITS
 from recray.data.jagged import check_columns
 from recray.data.schema import Schema
 
-SPLITS = ("train", "valid", "test")
 DROPPED = -1  # split code of a row that goes to no split
 SPLIT_KEYS = ("user_id", "item_id", "timestamp")  # how BARS/RecBole split files name a row
 ROW_KEY = "row"  # 0-based line number in the interaction log, for data without those keys
