@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -47,3 +49,20 @@ def test_validation_catches_a_broken_config(cluster):
     broken["available_node_types"]["worker.gpu"]["min_workers"] = "zero"
     with pytest.raises(jsonschema.ValidationError):
         validate_config(broken)
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync binary that `ray up` uses")
+def test_rsync_to_the_head_keeps_recray_data_and_leaves_out_top_level_data(cluster, tmp_path):
+    # the arguments Ray's own command runner gives rsync, on a directory as `ray up` syncs it
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    source, target = tmp_path / "repo", tmp_path / "head"
+    files = ["recray/data/schema.py", "recray/runs.py", "configs/data/x.yaml",
+             "data/sim/train.parquet", "runs/old/metrics.json", ".venv/bin/python"]
+    for f in files:
+        (source / f).parent.mkdir(parents=True, exist_ok=True)
+        (source / f).write_text("x")
+    args = SSHCommandRunner._create_rsync_filter_args(None, cluster)
+    subprocess.run(["rsync", "-a", *args, f"{source}/", f"{target}/"], check=True)
+    copied = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert copied == {"recray/data/schema.py", "recray/runs.py", "configs/data/x.yaml"}
