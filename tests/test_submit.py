@@ -1,4 +1,4 @@
-"""Jobs on a real local head node: `recray submit` and plain JobSubmissionClient, success and bad config."""
+"""Jobs: the uploaded working directory, configs checked against it, and jobs on a real local head node."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from recray.data.simulate import WorldConfig, simulate
-from recray.platform.submit import entrypoint, submit
+from recray.platform.config import ConfigError
+from recray.platform.submit import EXCLUDES, check_config, entrypoint, package, submit
 
 REPO = Path(__file__).resolve().parents[1]
+RECRAY = Path(sys.executable).parent / "recray"  # the console script users call
 
 
 def _free_ports(n: int) -> list[int]:
@@ -81,6 +84,96 @@ def job_dir(tmp_path_factory):
 
 def test_entrypoint_is_the_plain_ray_job_submit_command():
     assert entrypoint("train", "configs/x.yaml") == "python -m recray.jobs.train --config configs/x.yaml"
+    assert entrypoint("train", "x.yaml", {"data.path": "s3://b/sim", "train.epochs": 3}) == (
+        "python -m recray.jobs.train --config x.yaml "
+        "--set 'data.path=\"s3://b/sim\"' --set train.epochs=3"
+    )
+
+
+def _zip_names(working_dir: Path, tmp_path: Path) -> set[str]:
+    """The files Ray's own working_dir packaging puts in the upload, with recray's excludes."""
+    from ray._private.runtime_env.packaging import create_package
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "pkg.zip"
+    create_package(str(working_dir), target, include_gitignore=True, excludes=EXCLUDES)
+    with zipfile.ZipFile(target) as zipped:
+        return set(zipped.namelist())
+
+
+def test_upload_keeps_recray_data_and_leaves_out_top_level_data_and_runs(tmp_path):
+    names = _zip_names(REPO, tmp_path / "repo")
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "recray" / "data").rglob("*.py")}
+    assert sources and sources <= names, sorted(sources - names)
+    assert not any(n.startswith((".venv/", ".git/")) for n in names)
+
+    tree = tmp_path / "tree"  # a working dir holding all the folder names the excludes mention
+    files = ["recray/data/schema.py", "recray/runs.py", "data/sim/train.parquet",
+             "runs/old/metrics.json", "demo-output/report.json", "benchmarks/results/x.json",
+             "benchmarks/data.py", "configs/data/x.yaml"]
+    for f in files:
+        (tree / f).parent.mkdir(parents=True, exist_ok=True)
+        (tree / f).write_text("x")
+    names = _zip_names(tree, tmp_path / "tree-pkg")
+    assert names >= {"recray/data/schema.py", "recray/runs.py", "benchmarks/data.py",
+                     "configs/data/x.yaml"}
+    assert not any(n.startswith(("data/", "runs/", "demo-output/", "benchmarks/results/"))
+                   for n in names)
+
+
+def _working_dir(root: Path, data_at: str) -> Path:
+    """A working dir with the README's config, its data prepared at `data_at` (files only)."""
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "sim-dcnv2.yaml").write_text((REPO / "configs" / "sim-dcnv2.yaml").read_text())
+    (root / data_at).mkdir(parents=True)
+    for f in ("schema.yaml", "train.parquet", "valid.parquet", "test.parquet"):
+        (root / data_at / f).write_text("x")
+    return root
+
+
+def test_cli_submit_refuses_data_that_the_upload_leaves_out(tmp_path):
+    # configs/sim-dcnv2.yaml reads data/sim, which exists here but is never uploaded
+    root = _working_dir(tmp_path / "wd", "data/sim")
+    done = subprocess.run(
+        [str(RECRAY), "submit", "train", "configs/sim-dcnv2.yaml", "--address", "http://127.0.0.1:9"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: data.path: 'data/sim' on the cluster:" in done.stderr
+    assert "left out of the job's upload" in done.stderr and "s3://" in done.stderr
+
+
+def test_config_check_reads_the_upload_not_the_local_disk(tmp_path):
+    root = _working_dir(tmp_path / "wd", "sim")
+    zipped = tmp_path / "pkg.zip"
+    uploaded = set(package(root, zipped))
+    check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "sim"})
+    check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "./sim/"})
+    # a URI or a path on the nodes is read there as given
+    check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "s3://bucket/sim"})
+    check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "/mnt/shared/sim"})
+    with pytest.raises(ConfigError, match=r"data.path: 'nowhere' .*schema.yaml, train.parquet, "
+                                          r"valid.parquet, test.parquet not found"):
+        check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "nowhere"})
+    with pytest.raises(ConfigError, match=r"data.path: '../wd/sim'"):
+        check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "../wd/sim"})
+    (root / ".gitignore").write_text("*.parquet\n")  # a user's own ignore file counts too
+    uploaded = set(package(root, tmp_path / "pkg2.zip"))
+    with pytest.raises(ConfigError, match=r"train.parquet, valid.parquet, test.parquet exist"):
+        check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "sim"})
+    with pytest.raises(ConfigError, match=r"config: configs/other.yaml is not in the job's upload"):
+        check_config("configs/other.yaml", root, uploaded)
+
+
+def test_schema_of_a_data_uri_is_read_through_pyarrow(tmp_path):
+    from recray.data.schema import Feature, Schema, SchemaError
+
+    schema = Schema(features=[Feature(name="item", kind="sparse", vocab_size=7)])
+    schema.save(tmp_path / "schema.yaml")
+    assert Schema.load(f"file://{tmp_path}") == schema
+    assert Schema.load(f"file://{tmp_path / 'schema.yaml'}") == schema
+    with pytest.raises(SchemaError, match="schema file not readable: file://"):
+        Schema.load(f"file://{tmp_path / 'nowhere'}")
 
 
 @pytest.mark.ray
@@ -91,6 +184,20 @@ def test_submitted_training_job_succeeds_and_reports_metrics(head_node, job_dir,
                             timeout_s=300)
     assert status == "SUCCEEDED", logs.getvalue()[-3000:]
     assert '"test_auc"' in logs.getvalue()
+
+
+@pytest.mark.ray
+def test_recray_cli_submits_a_job_that_reads_its_data_by_uri(head_node, job_dir):
+    # through the console script, as the README calls it; the data is named by a URI
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [str(RECRAY), "submit", "train", "good.yaml", "--address", head_node,
+         "--set", f"data.path=file://{job_dir / 'sim'}"],
+        cwd=job_dir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert '"test_auc"' in done.stdout and "SUCCEEDED" in done.stdout
+    assert f"data.path=\"file://{job_dir / 'sim'}\"" in done.stdout  # the job got the override
 
 
 @pytest.mark.ray

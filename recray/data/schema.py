@@ -131,6 +131,9 @@ class Schema(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:
+        """Read a schema file or a folder's `schema.yaml`; a URI (s3://, file://) through pyarrow."""
+        if "://" in str(path):  # Path() would fold the scheme's `//` into a local path
+            return cls._load_uri(str(path))
         path = Path(path)
         if path.is_dir():
             path = path / "schema.yaml"
@@ -139,6 +142,20 @@ class Schema(BaseModel):
         with open(path) as fh:
             data = yaml.safe_load(fh)
         return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def _load_uri(cls, uri: str) -> Schema:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        if filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+            path = f"{path.rstrip('/')}/schema.yaml"
+        try:
+            with filesystem.open_input_stream(path) as fh:
+                data = yaml.safe_load(fh.read())
+        except OSError as e:
+            raise SchemaError(f"schema file not readable: {uri}: {e}") from None
+        return cls.from_dict(data, source=uri)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -3,20 +3,84 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import posixpath
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
+from zipfile import ZipFile
 
-# The working directory travels to the cluster; these never should (the venv alone is GBs).
-EXCLUDES = [".venv", ".git", "data", "runs", "demo-output", "**/__pycache__", "benchmarks/results"]
+from recray.data import SPLITS
+from recray.platform.config import ConfigError, load_train_config
+
+# The working directory travels to the cluster; these never should (the venv alone is GBs). Ray
+# reads them as .gitignore patterns, which match at any depth unless anchored: a bare `data` would
+# also leave `recray/data` out of the upload.
+EXCLUDES = [".venv", ".git", "**/__pycache__", "/data", "/runs", "/demo-output", "/benchmarks/results"]
+DATA_FILES = ("schema.yaml", *(f"{split}.parquet" for split in SPLITS))
+ON_A_CLUSTER = (
+    "data reaches a cluster as a URI every node reads (--set data.path=s3://BUCKET/sim) or as a "
+    "path on the nodes themselves (--set data.path=/mnt/shared/sim); a relative path must lie in "
+    "the uploaded working directory"
+)
 
 
-def entrypoint(verb: str, config: str | Path, extra: list[str] | None = None) -> str:
+def entrypoint(verb: str, config: str | Path, overrides: dict[str, Any] | None = None) -> str:
     """The same command `ray job submit -- ...` would run: `python -m recray.jobs.<verb> --config`."""
-    args = ["python", "-m", f"recray.jobs.{verb}", "--config", str(config), *(extra or [])]
+    args = ["python", "-m", f"recray.jobs.{verb}", "--config", str(config)]
+    for key, value in (overrides or {}).items():
+        args += ["--set", f"{key}={json.dumps(value)}"]  # JSON scalars read back as the same YAML
     return shlex.join(args)
+
+
+def package(working_dir: str | Path, target: Path) -> list[str]:
+    """Zip `working_dir` into `target` as Ray uploads it; return the names of the files in it.
+
+    Ray's own packaging function, with Ray's default excludes, `EXCLUDES` and the directory's
+    `.gitignore` / `.rayignore` files (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, as in Ray).
+    """
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    excludes = ray_constants.get_runtime_env_default_excludes() + EXCLUDES
+    create_package(str(working_dir), target, include_gitignore=include_gitignore, excludes=excludes)
+    with ZipFile(target) as zipped:
+        return zipped.namelist()
+
+
+def check_config(
+    config: str, working_dir: Path, uploaded: set[str], overrides: dict[str, Any] | None = None
+) -> None:
+    """Refuse, before submitting, a config the job would not find, or whose data it would not find.
+
+    The job runs in the uploaded copy of `working_dir`: a relative `config` or `data.path` must be
+    in that upload, not just on this machine. A URI or an absolute path is read on the cluster's
+    nodes as given and cannot be checked from here.
+    """
+    if posixpath.normpath(config) not in uploaded:
+        raise ConfigError(
+            f"config: {config} is not in the job's upload of {working_dir} (missing there, or left "
+            "out by Ray's excludes, a .gitignore or a .rayignore)"
+        )
+    data_path = load_train_config(working_dir / config, overrides).data.path
+    if "://" in data_path or posixpath.isabs(data_path):
+        return
+    missing = [f for f in DATA_FILES if posixpath.normpath(f"{data_path}/{f}") not in uploaded]
+    if not missing:
+        return
+    local = [f for f in missing if (working_dir / data_path / f).is_file()]
+    why = (
+        f"{', '.join(local)} exist(s) in {working_dir} but are left out of the job's upload (by "
+        f"recray's excludes {EXCLUDES}, Ray's, a .gitignore or a .rayignore)"
+        if local
+        else f"{', '.join(missing)} not found in the working directory {working_dir}"
+    )
+    raise ConfigError(f"data.path: {data_path!r} on the cluster: {why}; {ON_A_CLUSTER}")
 
 
 def submit(
@@ -25,20 +89,35 @@ def submit(
     address: str,
     *,
     working_dir: str | Path = ".",
-    extra: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
     stream=sys.stdout,
     timeout_s: float | None = None,
 ) -> tuple[str, str]:
-    """Submit, stream the logs until the job ends, and return (submission id, final status)."""
+    """Check, submit, stream the logs until the job ends; return (submission id, final status).
+
+    `config` is a path inside `working_dir`; `overrides` are `--set` fields for the job. The
+    upload is the package the check read, so what is checked is what the job gets.
+    """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    working_dir = Path(working_dir).resolve()
+    if not working_dir.is_dir():
+        raise FileNotFoundError(f"working_dir: not a directory: {working_dir}")
+    config = Path(config)
+    if config.is_absolute():
+        if not config.resolve().is_relative_to(working_dir):
+            raise ConfigError(f"config: {config} is outside the working directory {working_dir}")
+        config = config.resolve().relative_to(working_dir)
+    config = config.as_posix()
     headers = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"} if os.environ.get(
         "RAY_AUTH_TOKEN") else None
-    client = JobSubmissionClient(address, headers=headers)
-    job_id = client.submit_job(
-        entrypoint=entrypoint(verb, config, extra),
-        runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
-    )
+    with tempfile.TemporaryDirectory(prefix="recray-submit-") as scratch:
+        zipped = Path(scratch) / "working_dir.zip"
+        check_config(config, working_dir, set(package(working_dir, zipped)), overrides)
+        client = JobSubmissionClient(address, headers=headers)
+        job_id = client.submit_job(
+            entrypoint=entrypoint(verb, config, overrides), runtime_env={"working_dir": str(zipped)}
+        )
     print(f"submitted {job_id} to {address}", file=stream, flush=True)
 
     async def tail() -> None:
