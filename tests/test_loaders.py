@@ -179,6 +179,7 @@ def test_split_files_put_exactly_the_named_rows_in_each_split(movielens, tmp_pat
             src,
             tmp_path / "out",
             split_files=write_split_files(tmp_path / "s", keys),
+            allow_partial_split=True,
         )
     )
     for split, part in zip(SPLITS, parts, strict=True):
@@ -188,6 +189,80 @@ def test_split_files_put_exactly_the_named_rows_in_each_split(movielens, tmp_pat
         }
         assert got == set(zip(raw["user"][part], raw["item"][part], raw["time"][part], strict=True))
         assert tables[split].num_rows == len(part)
+
+
+def with_duplicates(src: Path, raw: dict[str, np.ndarray], n: int = 40) -> dict[str, np.ndarray]:
+    """Append `n` repeats of earlier ratings to u.data: same user, item and second, some with
+    another rating, so that which repeat lands where shows in the label."""
+    picks = np.random.default_rng(2).choice(len(raw["user"]), n)
+    repeat = {k: v[picks] for k, v in raw.items()}
+    repeat["rating"] = np.where(np.arange(n) % 2, repeat["rating"], 6 - repeat["rating"])
+    with open(src / "u.data", "a") as fh:
+        fh.writelines(
+            f"{u}\t{i}\t{r}\t{t}\n"
+            for u, i, r, t in zip(*(repeat[k] for k in ("user", "item", "rating", "time")), strict=True)
+        )
+    return {k: np.concatenate([raw[k], repeat[k]]) for k in raw}
+
+
+def test_split_files_assign_exact_duplicates_in_order_of_occurrence(movielens, tmp_path, capsys):
+    src, raw = movielens
+    raw = with_duplicates(src, raw)
+    rows = np.nonzero(raw["rating"] != 3)[0]  # the data rows, in order of occurrence
+    code = np.random.default_rng(5).integers(0, 3, len(rows))
+    lines = np.random.default_rng(6).permutation(len(rows))  # line order within a file is free
+    keys = [
+        {c: raw[r][rows[lines[code[lines] == k]]] for c, r in
+         (("user_id", "user"), ("item_id", "item"), ("timestamp", "time"))}
+        for k in range(3)
+    ]
+    out = prepare("movielens-100k", src, tmp_path / "out",
+                  split_files=write_split_files(tmp_path / "s", keys))
+    # brute force: each key's rows in file order take the train lines, then valid, then test
+    named: dict[tuple, list[int]] = {}
+    for k in range(3):
+        for key in zip(keys[k]["user_id"], keys[k]["item_id"], keys[k]["timestamp"], strict=True):
+            named.setdefault(tuple(key), []).append(k)
+    expected: list[set[int]] = [set(), set(), set()]
+    for row in rows:  # lines were collected train, valid, test: each list is in file order
+        expected[named[(raw["user"][row], raw["item"][row], raw["time"][row])].pop(0)].add(int(row))
+    tables = read_splits(out)
+    assert [set(tables[s].column("row").to_pylist()) for s in SPLITS] == expected
+    labels: dict[tuple, set[bool]] = {}
+    for r in rows:
+        labels.setdefault((raw["user"][r], raw["item"][r], raw["time"][r]), set()).add(
+            bool(raw["rating"][r] >= 4))
+    duplicates = len(rows) - len(labels)
+    # the fixture really has repeats, some with different labels, so the order shows
+    assert duplicates >= 20 and sum(len(v) == 2 for v in labels.values()) >= 5
+    report = capsys.readouterr().err
+    sizes = ", ".join(f"{s} {len(e)}" for s, e in zip(SPLITS, expected, strict=True))
+    assert f"split_files: {sizes} rows assigned; {duplicates} duplicate rows" in report
+    assert "; 0 unassigned" in report
+
+
+def test_partial_split_fails_unless_allowed_and_counts_what_it_drops(movielens, tmp_path, capsys):
+    from recray.cli import main
+
+    src, raw = movielens
+    rows = np.nonzero(raw["rating"] != 3)[0]
+    named = rows[: len(rows) - 25]  # the last 25 data rows in no file
+    keys = [{"user_id": raw["user"][p], "item_id": raw["item"][p], "timestamp": raw["time"][p]}
+            for p in np.array_split(named, 3)]
+    files = [str(f) for f in write_split_files(tmp_path / "s", keys)]
+    args = ["data", "prepare", "movielens-100k", "--src", str(src), "--split-files", *files]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    # a repeat of a named key would be assigned to it, so count the rows left by brute force
+    left = len(rows) - len(named)
+    err = capsys.readouterr().err
+    assert f"error: split_files: {left} of {len(rows)} data rows are named in no file" in err
+    assert "--allow-partial-split" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--allow-partial-split"]) == 0
+    assert f"; {left} unassigned" in capsys.readouterr().err
+    tables = read_splits(tmp_path / "b")
+    assert sorted(np.concatenate([t.column("row").to_numpy() for t in tables.values()])) == sorted(
+        named
+    )
 
 
 def test_split_file_naming_an_unknown_row_is_an_error(movielens, tmp_path):
@@ -213,7 +288,7 @@ def test_split_files_by_row_number_for_criteo(tmp_path):
     files = write_split_files(tmp_path / "s", [{"row": p} for p in parts])
     tables = read_splits(prepare("criteo", src, tmp_path / "out", split_files=files))
     assert [t.column("row").to_pylist() for t in tables.values()] == [p.tolist() for p in parts]
-    with pytest.raises(ValueError, match="more than one file"):
+    with pytest.raises(ValueError, match="row=0 is named 3 times and occurs 1 times"):
         prepare(
             "criteo",
             src,
@@ -261,9 +336,33 @@ def test_criteo_parses_empty_fields_trailing_tabs_and_negative_integers(tmp_path
     assert table.column("I2").to_pylist() == pytest.approx([-1, np.log1p(3), -3, 0, np.log1p(7)])
     assert table.column("I3").to_pylist()[0] == 0  # empty
     for c in range(26):
-        expected = [int(line[14 + c], 16) if line[14 + c] else 0 for line in CRITEO_LINES]
+        expected = [criteo_id(line[14 + c], 100_003) for line in CRITEO_LINES]
         assert table.column(f"C{c + 1}").to_pylist() == expected
     assert Schema.load(out).feature("C1").hash_buckets == 100_003
+
+
+def criteo_id(field: str, buckets: int) -> int:
+    """The documented id of one categorical field: 0 if empty, else 1 + int(hex) mod (buckets - 1)."""
+    return 1 + int(field, 16) % (buckets - 1) if field else 0
+
+
+def test_criteo_missing_category_shares_no_id_with_a_real_value(tmp_path):
+    buckets = 7
+    # every real value from 0 to 4 buckets' worth, multiples of the bucket count included
+    real = [f"{v:x}" for v in range(4 * buckets)]
+    lines = [["1", *["1"] * 13, value, *["0000000a"] * 25] for value in [*real, "", ""]]
+    src = tmp_path / "criteo.txt"
+    src.write_text("".join("\t".join(line) + "\n" for line in lines))
+    files = write_split_files(tmp_path / "s", [{"row": range(len(lines))}, {"row": []}, {"row": []}])
+    out = prepare("criteo", src, tmp_path / "out", split_files=files, hash_buckets=buckets)
+    # the ids the model sees: after to_batch's own range handling
+    ids = to_batch(read_splits(out)["train"], Schema.load(out)).sparse["C1"].values().tolist()
+    real_ids, missing_ids = ids[: len(real)], ids[len(real) :]
+    assert missing_ids[0] == missing_ids[1] and missing_ids[0] not in real_ids
+    assert all(0 <= i < buckets for i in ids)
+    assert len(set(real_ids)) == buckets - 1  # the real values use every other bucket
+    with pytest.raises(ValueError, match="hash_buckets=1, expected at least 2"):
+        prepare("criteo", src, tmp_path / "o2", split_files=files, hash_buckets=1)
 
 
 def test_criteo_hex_ids_match_python_on_the_real_sample(shared_data, tmp_path):
@@ -275,7 +374,9 @@ def test_criteo_hex_ids_match_python_on_the_real_sample(shared_data, tmp_path):
     table = read_splits(prepare("criteo", src, tmp_path / "out", split_files=files))["train"]
     assert table.num_rows == len(lines) == 50
     for c in range(26):
-        assert table.column(f"C{c + 1}").to_pylist() == [int(x[14 + c] or "0", 16) for x in lines]
+        assert table.column(f"C{c + 1}").to_pylist() == [
+            criteo_id(x[14 + c], 100_003) for x in lines
+        ]
     assert table.column("label").to_pylist() == [float(x[0]) for x in lines]
 
 

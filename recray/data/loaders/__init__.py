@@ -24,18 +24,28 @@ def prepare(
     out: str | Path,
     *,
     split_files: Sequence[Path] | None = None,
+    allow_partial_split: bool = False,
     seed: int = 0,
     **options: object,
 ) -> Path:
     """Convert data set `name` from its raw files at `src` into `out`; returns `out`.
 
     `out` gets `train.parquet`, `valid.parquet`, `test.parquet` and `schema.yaml`. `split_files`
-    ([train, valid, test] CSVs naming rows by `user_id,item_id,timestamp` or by `row`) replaces
-    the data set's own split; `options` are the loader's keyword arguments (`max_history`, ...).
+    ([train, valid, test] CSVs naming rows by `user_id,item_id,timestamp` or by `row`, one line
+    per row) replaces the data set's own split; rows they leave unnamed are an error unless
+    `allow_partial_split` drops them. `options` are the loader's keyword arguments
+    (`max_history`, ...).
     """
     if name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(LOADERS)}")
-    return LOADERS[name](src, out, split_files=split_files, seed=seed, **options)
+    return LOADERS[name](
+        src,
+        out,
+        split_files=split_files,
+        allow_partial_split=allow_partial_split,
+        seed=seed,
+        **options,
+    )
 
 
 __all__ = ["LOADERS", "prepare"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,39 +131,101 @@ def time_split(timestamps: np.ndarray, fractions: tuple[float, float] = (0.8, 0.
     return np.searchsorted(bounds, timestamps, side="left").astype(np.int8)
 
 
-def fixed_split(split_files: Sequence[str | Path], keys: pa.Table) -> np.ndarray:
-    """Split code per data row as named by [train, valid, test] CSV files; unnamed rows DROPPED.
+def fixed_split(
+    split_files: Sequence[str | Path], keys: pa.Table, allow_partial: bool = False
+) -> np.ndarray:
+    """Split code per data row as named by [train, valid, test] CSV files, one line per row.
 
     A file names rows by `user_id,item_id,timestamp` columns or by a `row` column (0-based line
-    number in the interaction log); `keys` holds the data's values of whichever it has.
+    number in the interaction log); `keys` holds the data's values of whichever it has. Rows
+    repeating a key (exact duplicates) are taken in order of occurrence by the lines naming that
+    key, in file order (train, valid, test): a key named twice in train and once in test puts its
+    first two rows in train and its third in test. A key named more often than the data holds it
+    is an error; so are rows named in no file, unless `allow_partial` (they are then DROPPED).
+    Prints the counts of assigned, duplicate and unassigned rows.
     """
     if len(split_files) != len(SPLITS):
         raise ValueError(
             f"split_files: expected {len(SPLITS)} files (train, valid, test), got {len(split_files)}"
         )
-    codes = np.full(keys.num_rows, DROPPED, dtype=np.int8)
-    named = np.zeros(keys.num_rows, dtype=np.int64)
-    data = keys.append_column("_data_row", pa.array(np.arange(keys.num_rows)))
-    for code, path in enumerate(map(Path, split_files)):
-        need_file(path, "split_files")
-        table = pcsv.read_csv(path)
-        on = _split_key_columns(path, table.column_names, keys.column_names)
-        table = table.select(on).cast(pa.schema([(c, pa.int64()) for c in on]))
-        joined = table.join(data.select([*on, "_data_row"]), keys=on, join_type="left outer")
-        found = joined.column("_data_row")
-        if found.null_count:
+    paths = [need_file(Path(path), "split_files") for path in split_files]
+    tables = [pcsv.read_csv(path) for path in paths]
+    ons = [
+        _split_key_columns(path, table.column_names, keys.column_names)
+        for path, table in zip(paths, tables, strict=True)
+    ]
+    on = ons[0]
+    if any(other != on for other in ons):
+        raise ValueError(f"split_files: the files name rows by different columns: {ons}")
+    named = pa.concat_tables(
+        [
+            t.select(on)
+            .cast(pa.schema([(c, pa.int64()) for c in on]))
+            .append_column("_code", pa.array(np.full(t.num_rows, code, dtype=np.int8)))
+            for code, t in enumerate(tables)
+        ]
+    )
+    named = named.append_column("_line", pa.array(np.arange(named.num_rows)))
+
+    # rows with equal keys side by side, in order of occurrence (lexsort is stable)
+    columns = [_to_numpy(keys.column(c)) for c in on]
+    order = np.lexsort(columns[::-1])
+    ordered = [c[order] for c in columns]
+    new_key = np.zeros(len(order), dtype=bool)
+    new_key[:1] = True
+    for c in ordered:
+        new_key[1:] |= c[1:] != c[:-1]
+    first = np.flatnonzero(new_key)
+    occurrences = np.diff(np.append(first, len(order)))
+    distinct = pa.table({c: col[first] for c, col in zip(on, ordered, strict=True)}).append_column(
+        "_key", pa.array(np.arange(len(first)))
+    )
+    joined = named.join(distinct, keys=on, join_type="left outer").sort_by("_line")
+    for code, (path, table) in enumerate(zip(paths, tables, strict=True)):
+        in_file = joined.filter(pc.equal(joined.column("_code"), code))
+        if in_file.column("_key").null_count:
             raise ValueError(
-                f"split file {path}: {found.null_count} of {table.num_rows} rows not found in the "
-                f"data (matched on {', '.join(on)})"
+                f"split file {path}: {in_file.column('_key').null_count} of {table.num_rows} rows "
+                f"not found in the data (matched on {', '.join(on)})"
             )
-        rows = np.unique(_to_numpy(found))
-        codes[rows] = code
-        named[rows] += 1
-    if (named > 1).any():
+    line_key = _to_numpy(joined.column("_key"))
+    line_code = _to_numpy(joined.column("_code"))
+    by_key = np.argsort(line_key, kind="stable")  # lines of one key in file order
+    line_key, line_code = line_key[by_key], line_code[by_key]
+    key_start = np.searchsorted(line_key, line_key, side="left")
+    rank = np.arange(len(line_key)) - key_start  # this line names the key's rank-th occurrence
+    over = rank >= occurrences[line_key]
+    if over.any():
+        key = int(line_key[np.argmax(over)])
         raise ValueError(
-            f"split_files: {int((named > 1).sum())} data rows are named in more than one file"
+            f"split_files: {len(np.unique(line_key[over]))} keys are named more often than the "
+            f"data holds them, e.g. {_describe(distinct, key, on)} is named "
+            f"{int((line_key == key).sum())} times and occurs {int(occurrences[key])} times"
+        )
+    codes = np.full(keys.num_rows, DROPPED, dtype=np.int8)
+    codes[order[first[line_key] + rank]] = line_code
+
+    assigned = np.bincount(codes[codes != DROPPED], minlength=len(SPLITS))
+    unassigned = int((codes == DROPPED).sum())
+    print(
+        "split_files: "
+        + ", ".join(f"{split} {int(n)}" for split, n in zip(SPLITS, assigned, strict=True))
+        + f" rows assigned; {len(order) - len(first)} duplicate rows (repeating an earlier row's "
+        f"{', '.join(on)}); {unassigned} unassigned",
+        file=sys.stderr,
+    )
+    if unassigned and not allow_partial:
+        row = int(np.argmax(codes == DROPPED))
+        raise ValueError(
+            f"split_files: {unassigned} of {keys.num_rows} data rows are named in no file, e.g. "
+            f"{', '.join(f'{c}={columns[i][row]}' for i, c in enumerate(on))}; pass "
+            "--allow-partial-split (allow_partial_split=True) to drop them"
         )
     return codes
+
+
+def _describe(table: pa.Table, index: int, columns: list[str]) -> str:
+    return ", ".join(f"{c}={table.column(c)[index].as_py()}" for c in columns)
 
 
 def _split_key_columns(path: Path, columns: list[str], available: list[str]) -> list[str]:
@@ -176,9 +239,12 @@ def _split_key_columns(path: Path, columns: list[str], available: list[str]) -> 
 
 
 def split_codes(
-    keys: pa.Table, split_files: Sequence[str | Path] | None, default: np.ndarray
+    keys: pa.Table,
+    split_files: Sequence[str | Path] | None,
+    default: np.ndarray,
+    allow_partial: bool = False,
 ) -> np.ndarray:
-    return default if split_files is None else fixed_split(split_files, keys)
+    return default if split_files is None else fixed_split(split_files, keys, allow_partial)
 
 
 def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.ndarray) -> Path:

@@ -16,6 +16,7 @@ from recray.data.schema import Feature, Schema
 DENSE = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
 HEX_WIDTH = 8
+MISSING = -1  # what `hex_ids` gives an empty or null field: below every real value (>= 0)
 
 # nibble value of each byte; 255 marks a byte that is not a hex digit
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -24,10 +25,11 @@ for _digits, _first in ((b"0123456789", 0), (b"abcdef", 10), (b"ABCDEF", 10)):
 
 
 def hex_ids(column: pa.Array | pa.ChunkedArray, name: str = "column") -> np.ndarray:
-    """Hex strings of up to 8 digits -> int64 (= int(x, 16)); empty or null -> 0."""
+    """Hex strings of up to 8 digits -> int64 (= int(x, 16)); empty or null -> MISSING."""
     strings = pc.fill_null(column, "")
     if isinstance(strings, pa.ChunkedArray):
         strings = strings.combine_chunks()
+    missing = pc.equal(pc.utf8_length(strings), 0).to_numpy(zero_copy_only=False)
     too_long = pc.greater(pc.utf8_length(strings), HEX_WIDTH)
     if pc.any(too_long).as_py():
         bad = strings.filter(too_long)[0].as_py()
@@ -44,7 +46,17 @@ def hex_ids(column: pa.Array | pa.ChunkedArray, name: str = "column") -> np.ndar
     if (nibbles == 255).any():
         bad = strings[int(np.nonzero((nibbles == 255).any(axis=1))[0][0])].as_py()
         raise ValueError(f"criteo: column {name!r} has {bad!r}, expected hex digits")
-    return nibbles.astype(np.int64) @ (16 ** np.arange(HEX_WIDTH - 1, -1, -1, dtype=np.int64))
+    values = nibbles.astype(np.int64) @ (16 ** np.arange(HEX_WIDTH - 1, -1, -1, dtype=np.int64))
+    return np.where(missing, MISSING, values)
+
+
+def bucket_ids(values: np.ndarray, hash_buckets: int) -> np.ndarray:
+    """Ids in [0, hash_buckets): MISSING -> 0, a real value v -> 1 + v mod (hash_buckets - 1).
+
+    A missing field gets a bucket of its own: as a raw 0 it shared one with every real value that
+    is a multiple of the bucket count.
+    """
+    return np.where(values == MISSING, 0, 1 + values % (hash_buckets - 1))
 
 
 def log_transform(values: np.ndarray) -> np.ndarray:
@@ -58,11 +70,21 @@ def prepare_criteo(
     out: str | Path,
     *,
     split_files: Sequence[Path] | None = None,
+    allow_partial_split: bool = False,
     seed: int = 0,
     hash_buckets: int = 100_003,
     embedding_dim: int = 16,
 ) -> Path:
-    """`src` is the data file, or a directory holding `train.txt`."""
+    """`src` is the data file, or a directory holding `train.txt`.
+
+    Each categorical column gets `hash_buckets` ids: 0 for a missing value, 1.. for hashed real
+    values (see `bucket_ids`).
+    """
+    if hash_buckets < 2:
+        raise ValueError(
+            f"criteo: hash_buckets={hash_buckets}, expected at least 2 (id 0 is kept for a "
+            "missing value)"
+        )
     src = Path(src)
     path = need_file(src / "train.txt" if src.is_dir() else src, "criteo")
     raw = pcsv.read_csv(
@@ -80,7 +102,7 @@ def prepare_criteo(
     for name in DENSE:
         columns[name] = log_transform(pc.fill_null(raw.column(name), 0).to_numpy())
     for name in CATEGORICAL:
-        columns[name] = hex_ids(raw.column(name), name)
+        columns[name] = bucket_ids(hex_ids(raw.column(name), name), hash_buckets)
     if raw.column("label").null_count:
         raise ValueError(
             f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows"
@@ -96,5 +118,10 @@ def prepare_criteo(
             for n in CATEGORICAL
         ]
     )
-    codes = split_codes(table.select([ROW_KEY]), split_files, random_split(table.num_rows, seed))
+    codes = split_codes(
+        table.select([ROW_KEY]),
+        split_files,
+        random_split(table.num_rows, seed),
+        allow_partial_split,
+    )
     return write_dataset(out, schema, table, codes)

@@ -80,6 +80,7 @@ def prepare_kuairand(
     out: str | Path,
     *,
     split_files: Sequence[Path] | None = None,
+    allow_partial_split: bool = False,
     seed: int = 0,
     max_history: int = 50,
     embedding_dim: int = 16,
@@ -180,5 +181,5 @@ def prepare_kuairand(
             ROW_KEY: np.arange(n),
         }
     )
-    codes = split_codes(keys, split_files, time_split(time))
+    codes = split_codes(keys, split_files, time_split(time), allow_partial_split)
     return write_dataset(out, schema, pa.table(columns), codes)

@@ -51,6 +51,7 @@ def prepare_movielens(
     out: str | Path,
     *,
     split_files: Sequence[Path] | None = None,
+    allow_partial_split: bool = False,
     seed: int = 0,
     max_history: int = 50,
     embedding_dim: int = 16,
@@ -139,5 +140,7 @@ def prepare_movielens(
         ]
     )
     keys = table.select(["user_id", "item_id", "timestamp", ROW_KEY])
-    codes = split_codes(keys, split_files, random_split(table.num_rows, seed))
+    codes = split_codes(
+        keys, split_files, random_split(table.num_rows, seed), allow_partial_split
+    )
     return write_dataset(out, schema, table, codes)

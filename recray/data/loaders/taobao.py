@@ -31,6 +31,7 @@ def prepare_taobao(
     out: str | Path,
     *,
     split_files: Sequence[Path] | None = None,
+    allow_partial_split: bool = False,
     seed: int = 0,
     max_history: int = 50,
     min_history: int = 1,
@@ -76,7 +77,7 @@ def prepare_taobao(
             ROW_KEY: clicks,
         }
     )
-    codes = split_codes(keys, split_files, time_split(time))
+    codes = split_codes(keys, split_files, time_split(time), allow_partial_split)
     kept = np.nonzero((np.diff(offsets) >= min_history) & (codes != DROPPED))[0]
     positives = pa.table(
         {
