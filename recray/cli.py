@@ -14,6 +14,7 @@ VERBS = {
     "demo": "the embedded default: simulate, train, evaluate, report",
     "submit": "submit a job to a Ray cluster (JobSubmissionClient) and follow it",
     "simulate": "simulator tools: calibrate a world to a real log",
+    "serve": "serve a trained run folder on Ray Serve (/v1/rank, A/B variants, autoscaling)",
 }
 
 

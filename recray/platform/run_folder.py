@@ -1,0 +1,151 @@
+"""The run folder: what `recray train` leaves behind and `recray serve` (or an A/B policy) loads.
+
+Layout, nothing else needed to score:
+
+    config.yaml        the TrainConfig the run used (model name and hyper-parameters)
+    schema.yaml        the feature schema the model was built for
+    model/weights.pt   a flat {name: tensor} state dict, loadable with torch.load(weights_only=True)
+    model/dcp/         or: torch.distributed.checkpoint shards of a sharded (DMP) run
+    metrics.json       the final metrics
+
+Weights are plain tensors (never pickled objects), so loading runs no code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from recray.data.schema import Schema
+from recray.platform.config import ConfigError, TrainConfig, load_yaml, parse
+
+WEIGHTS = Path("model") / "weights.pt"
+DCP_SHARDS = Path("model") / "dcp"
+# Prefixes that wrappers add to a module's parameter names: a train-state dict ({"model": ...}),
+# TorchRec's DistributedModelParallel and DDP. A DCP checkpoint of a wrapped model keeps them.
+WRAPPER_PREFIXES = ("model.", "_dmp_wrapped_module.", "module.")
+
+
+@dataclass
+class RunFolder:
+    """A loaded run: its config, schema, the model with its trained weights (eval mode), metrics."""
+
+    path: Path
+    config: TrainConfig
+    schema: Schema
+    model: nn.Module
+    metrics: dict[str, Any]
+
+
+def write_run_folder(
+    run_dir: str | Path,
+    cfg: TrainConfig,
+    schema: Schema,
+    model_state_dict: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+) -> Path:
+    """Write a servable run folder and return its path.
+
+    From `fit()`: `write_run_folder(run_dir, cfg, schema, module.state_dict(), final_metrics)`
+    with the TrainConfig of the run, the Schema `validate(cfg)` returned, the state dict of the
+    unwrapped module (not the DDP/DMP wrapper: its names carry wrapper prefixes and a DMP holds
+    sharded tensors; a sharded run leaves its DCP shards in `model/dcp/` instead) and the final
+    metrics (JSON-serialisable numbers).
+    """
+    run_dir = Path(run_dir)
+    (run_dir / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    not_plain = sorted(k for k, v in model_state_dict.items() if type(v) is not torch.Tensor
+                       and not isinstance(v, nn.Parameter))
+    if not_plain:
+        raise ValueError(
+            f"model_state_dict: {not_plain[:3]} are not plain tensors (a sharded model?); pass the "
+            "unwrapped single-device module's state_dict, or save DCP shards to model/dcp/"
+        )
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model_state_dict.items()}
+    torch.save(tensors, run_dir / WEIGHTS)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    schema.save(run_dir / "schema.yaml")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return run_dir
+
+
+def load_run_folder(run_dir: str | Path) -> RunFolder:
+    """Read a run folder: config, schema, the built model with its weights in eval mode, metrics."""
+    from recray import models
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder not found: {run_dir}")
+    cfg = parse(TrainConfig, load_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    schema = Schema.load(run_dir / "schema.yaml")
+    try:
+        model = models.build(cfg.model.name, schema, **cfg.model.hparams)
+    except ValueError as e:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: model: {e}") from None
+    if (run_dir / WEIGHTS).is_file():
+        _load_weights(model, run_dir / WEIGHTS)
+    elif (run_dir / DCP_SHARDS).is_dir():
+        _load_dcp(model, run_dir / DCP_SHARDS)
+    else:
+        raise ConfigError(f"{run_dir}: no weights: expected {WEIGHTS} or {DCP_SHARDS}/")
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return RunFolder(run_dir, cfg, schema, model.eval(), metrics)
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling refusal or a truncated file: name the file
+        raise ConfigError(f"{path}: not a weights-only state dict: {e}") from None
+    _check_names(model, set(state), path)
+    _load_state(model, state, path)
+
+
+def _load_dcp(model: nn.Module, folder: Path) -> None:
+    """Load DCP shards into a single-device model: no process group, resharded by DCP itself."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ConfigError(f"{folder}: not a torch.distributed.checkpoint folder: {e}") from None
+    plain = model.state_dict()
+    # Shard names carry wrapper prefixes; DCP loads by name, so point each saved name at the
+    # plain model's tensor (loaded in place). Names that fit nothing (optimizer state) are skipped.
+    targets = {}
+    for saved_name in saved:
+        name = saved_name
+        while name not in plain and name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in plain:
+            targets[name] = saved_name
+    _check_names(model, set(targets), folder)
+    dcp.load({saved_name: plain[name] for name, saved_name in targets.items()},
+             checkpoint_id=str(folder), no_dist=True)
+    _load_state(model, plain, folder)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # shapes that do not fit: torch names the tensor
+        raise ConfigError(f"{source}: weights do not fit the model in config.yaml: {e}") from None
+
+
+def _check_names(model: nn.Module, names: set[str], source: Path) -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{source}: weights do not fit the model in config.yaml: {len(missing)} missing "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
+        )

@@ -1,0 +1,479 @@
+"""Ray Serve ranking endpoint: FastAPI ingress, pydantic requests, A/B variants, batched scoring.
+
+A request is one user and the candidates to rank. It takes the training feature path: JSON ->
+pydantic -> Arrow RecordBatch (one row per candidate, user columns repeated) ->
+`recray.data.jagged.to_batch` -> model, so online scores equal offline scores on the same rows.
+Every variant's model lives in every replica: arms are assigned per user by a salted hash, so each
+replica sees every arm anyway, and one deployment saves a handle hop per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
+from ray import serve
+
+from recray.data.jagged import to_batch
+from recray.data.schema import Feature, Schema, SchemaError
+from recray.platform.config import ConfigError, load_yaml, parse
+from recray.platform.run_folder import RunFolder, load_run_folder
+
+VARIANT_HEADER = "x-recray-variant"
+SERVE_CONFIG_FILE = "serve_config.yaml"  # written next to the run, for `serve deploy` / `serve run`
+INT64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+# --- config (configs/serve.yaml) -----------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Strict):
+    max_candidates: int = Field(default=500, gt=0)
+    max_history_length: int = Field(default=1000, gt=0, description="per list-valued feature")
+    max_body_bytes: int = Field(default=1_000_000, gt=0, description="larger bodies get 413")
+
+
+class Variant(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str
+    share: float = Field(default=1.0, ge=0, description="traffic share, normalised over variants")
+
+
+class Autoscaling(_Strict):
+    """Serve's `autoscaling_config`; the keys are Serve's own (old names would be ignored)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, gt=0)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas: {self.min_replicas} is above "
+                             f"max_replicas={self.max_replicas}")
+        return self
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(default=16, gt=0, description="requests scored in one forward")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+
+
+class ServeConfig(_Strict):
+    app_name: str = "recray"
+    host: str = Field(default="127.0.0.1", description="another address is an explicit choice")
+    port: int = Field(default=8000, gt=0, lt=65536)
+    route_prefix: str = "/"
+    variants: list[Variant] = Field(
+        default_factory=list, description="empty: the run folder given on the command line alone"
+    )
+    salt: str = Field(default="recray-ab", description="arm = hash(salt, unit id); change it to "
+                      "re-randomise users")
+    unit_feature: str = Field(default="user_id", description="the user feature hashed for arms")
+    user_features: list[str] | None = Field(
+        default=None, description="request-level features; default: sequence features and "
+        "features named user*")
+    rank_by: dict[str, float] = Field(default_factory=dict, description="task -> weight of its "
+                                      "probability in the ranking score; default: the first task")
+    limits: Limits = Field(default_factory=Limits)
+    batching: Batching = Field(default_factory=Batching)
+    num_replicas: int | None = Field(default=None, gt=0, description="fixed; None = autoscaling")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(default=64, gt=0, description="per replica; must exceed "
+                                      "max_batch_size or batches cannot form")
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    torch_threads: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(f"max_ongoing_requests: {self.max_ongoing_requests} is below "
+                             f"batching.max_batch_size={self.batching.max_batch_size}, so no "
+                             "batch could fill")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: duplicate names in {names}")
+        if self.variants and sum(v.share for v in self.variants) <= 0:
+            raise ValueError("variants: the shares sum to 0")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve deployment options: replicas or autoscaling, concurrency, CPUs."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.cpus_per_replica},
+        }
+        if self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        return options
+
+
+def load_serve_config(path: str | Path | None, run_dir: str | Path | None = None,
+                      **overrides: Any) -> ServeConfig:
+    """The serve config from YAML (defaults without a file); `run_dir` is the default variant."""
+    data = load_yaml(path) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = parse(ServeConfig, data, str(path or "serve config"))
+    if not cfg.variants:
+        if run_dir is None:
+            raise ConfigError(f"{path or 'serve config'}: variants: none given and no run folder")
+        cfg.variants = [Variant(name="default", run_dir=str(run_dir))]
+    for variant in cfg.variants:
+        variant.run_dir = str(Path(variant.run_dir).expanduser().resolve())
+    return cfg
+
+
+# --- arms ----------------------------------------------------------------------------------------
+def assign_variant(unit_id: object, salt: str, names: list[str], shares: list[float]) -> str:
+    """The arm of one unit: a salted hash of its id, uniform on [0, 1), cut at cumulative shares.
+
+    Stable across processes and days (no Python `hash`), so the A/B harness reproduces it.
+    """
+    digest = hashlib.blake2b(f"{salt}:{unit_id}".encode(), digest_size=8).digest()
+    point = int.from_bytes(digest, "big") / 2**64 * sum(shares)
+    for name, edge in zip(names, np.cumsum(shares), strict=True):
+        if point < edge:
+            return name
+    return names[-1]
+
+
+# --- requests ------------------------------------------------------------------------------------
+def user_side(schema: Schema, cfg: ServeConfig) -> list[Feature]:
+    """Features given once per request; the rest come with each candidate."""
+    if cfg.user_features is None:
+        return [f for f in schema.features if f.kind == "sequence" or f.name.startswith("user")]
+    names = [f.name for f in schema.features]
+    unknown = [n for n in cfg.user_features if n not in names]
+    if unknown:
+        raise ConfigError(f"user_features: {unknown} are not features; features are {names}")
+    return [schema.feature(n) for n in cfg.user_features]
+
+
+def _field_type(feature: Feature, limits: Limits) -> Any:
+    if feature.kind == "dense":
+        return Annotated[float, Field(allow_inf_nan=False, strict=True)]
+    ids = Annotated[list[INT64], Field(max_length=limits.max_history_length)]
+    return ids if feature.kind == "sequence" else INT64 | ids
+
+
+def request_model(schema: Schema, cfg: ServeConfig) -> type[BaseModel]:
+    """The pydantic model of a /v1/rank body: `user`, `candidates` (1..max), optional `variant`."""
+    strict = ConfigDict(extra="forbid")
+    user_names = {f.name for f in user_side(schema, cfg)}
+    user = create_model(
+        "User", __config__=strict,
+        **{f.name: (_field_type(f, cfg.limits), ...) for f in schema.features if f.name in user_names},
+    )
+    candidate = create_model(
+        "Candidate", __config__=strict,
+        **{f.name: (_field_type(f, cfg.limits), ...) for f in schema.features
+           if f.name not in user_names},
+    )
+    variant_names = tuple(v.name for v in cfg.variants)
+    return create_model(
+        "RankRequest", __config__=strict,
+        user=(user, ...),
+        candidates=(list[candidate], Field(min_length=1, max_length=cfg.limits.max_candidates)),
+        variant=(Literal[variant_names] | None, Field(  # type: ignore[valid-type]
+            default=None, description="the arm to score with; default: hash of the unit id")),
+    )
+
+
+def _list_column(values: list[Any]) -> pa.Array:
+    """Ids (int or list of ints per row) -> list<int64>; a single id is a list of one."""
+    lists = [v if isinstance(v, list) else [v] for v in values]
+    lengths = np.fromiter((len(v) for v in lists), np.int32, len(lists))
+    offsets = np.zeros(len(lists) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((i for v in lists for i in v), np.int64, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def request_rows(request: BaseModel, schema: Schema) -> pa.RecordBatch:
+    """One row per candidate, in schema column order; user values repeated; labels zero."""
+    user = request.user.__dict__
+    rows = len(request.candidates)
+    columns = {}
+    for f in schema.features:
+        if f.name in user:
+            value = user[f.name]
+            if f.kind == "dense":
+                columns[f.name] = pa.array(np.full(rows, value, np.float32))
+            else:
+                ids = np.asarray(value if isinstance(value, list) else [value], np.int64)
+                offsets = np.arange(rows + 1, dtype=np.int32) * len(ids)
+                columns[f.name] = pa.ListArray.from_arrays(pa.array(offsets),
+                                                           pa.array(np.tile(ids, rows)))
+        else:
+            values = [c.__dict__[f.name] for c in request.candidates]
+            columns[f.name] = (pa.array(np.asarray(values, np.float32)) if f.kind == "dense"
+                               else _list_column(values))
+    for label in schema.labels:  # to_batch wants labels; a request has none
+        columns[label] = pa.array(np.zeros(rows, np.float32))
+    return pa.RecordBatch.from_pydict(columns)
+
+
+class RequestError(ValueError):
+    """A request that passed the pydantic model but not the schema (an id out of vocabulary)."""
+
+
+# --- the deployment ------------------------------------------------------------------------------
+@serve.deployment
+@serve.ingress()
+class Ranker:
+    """One replica: every variant's model, a batched scorer, and the FastAPI app built on them."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from ray.serve import metrics
+
+        self.cfg = ServeConfig.model_validate(config)
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.runs: dict[str, RunFolder] = {v.name: load_run_folder(v.run_dir)
+                                           for v in self.cfg.variants}
+        self.schema = check_same_schema(self.runs)
+        self.tasks = self.schema.tasks
+        weights = self.cfg.rank_by or {self.tasks[0]: 1.0}
+        self.rank_weights = torch.tensor([weights.get(t, 0.0) for t in self.tasks])
+        self.RankRequest = request_model(self.schema, self.cfg)
+        self._score.set_max_batch_size(self.cfg.batching.max_batch_size)
+        self._score.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        # Per-variant series on the Ray dashboard, beside Serve's own per-deployment metrics.
+        self.requests_metric = metrics.Counter(
+            "recray_rank_requests", description="rank requests by variant and status",
+            tag_keys=("variant", "status"))
+        self.latency_metric = metrics.Histogram(
+            "recray_rank_latency_ms", description="rank request latency inside the replica",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("variant",))
+        self.batch_metric = metrics.Histogram(
+            "recray_rank_batch_requests", description="requests scored per forward",
+            boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("variant",))
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self)
+
+    def pick_variant(self, request: BaseModel, header: str | None) -> str:
+        if header is not None:
+            if header not in self.runs:
+                raise RequestError(f"header {VARIANT_HEADER}: unknown variant {header!r}; "
+                                   f"variants are {sorted(self.runs)}")
+            return header
+        if request.variant is not None:
+            return request.variant
+        unit = getattr(request.user, self.cfg.unit_feature, None)
+        return assign_variant(unit, self.cfg.salt, [v.name for v in self.cfg.variants],
+                              [v.share for v in self.cfg.variants])
+
+    @serve.batch
+    async def _score(self, jobs: list[tuple[str, pa.RecordBatch]]) -> list[Any]:
+        """Score the queued requests: one forward per variant over all their rows."""
+        results: list[Any] = [None] * len(jobs)
+        by_variant: dict[str, list[int]] = {}
+        for i, (variant, _) in enumerate(jobs):
+            by_variant.setdefault(variant, []).append(i)
+        for variant, members in by_variant.items():
+            try:
+                batch = to_batch(pa.Table.from_batches([jobs[i][1] for i in members]),
+                                 self.schema, source="request")
+            except SchemaError:  # one bad request must not fail the others: convert one by one
+                good = []
+                for i in members:
+                    try:
+                        to_batch(jobs[i][1], self.schema, source="request")
+                        good.append(i)
+                    except SchemaError as e:
+                        results[i] = RequestError(str(e).removeprefix("request: "))
+                members = good
+                if not members:
+                    continue
+                batch = to_batch(pa.Table.from_batches([jobs[i][1] for i in members]),
+                                 self.schema, source="request")
+            with torch.inference_mode():
+                probabilities = torch.sigmoid(self.runs[variant].model(batch))
+            self.batch_metric.observe(len(members), tags={"variant": variant})
+            start = 0
+            for i in members:
+                rows = jobs[i][1].num_rows
+                results[i] = (probabilities[start:start + rows], len(members))
+                start += rows
+        return results
+
+    async def rank(self, request: BaseModel, header: str | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        variant = self.pick_variant(request, header)
+        result = await self._score((variant, request_rows(request, self.schema)))
+        if isinstance(result, Exception):
+            self.requests_metric.inc(tags={"variant": variant, "status": "4xx"})
+            raise result
+        probabilities, batch_requests = result
+        order = torch.argsort(probabilities @ self.rank_weights, descending=True, stable=True)
+        self.requests_metric.inc(tags={"variant": variant, "status": "ok"})
+        self.latency_metric.observe((time.perf_counter() - started) * 1e3, tags={"variant": variant})
+        return {
+            "variant": variant,
+            "model": self.runs[variant].config.model.name,
+            "scores": dict(zip(self.tasks, probabilities.T.tolist(), strict=True)),
+            "ranking": order.tolist(),
+            "batch_requests": batch_requests,
+        }
+
+    def models(self) -> dict[str, Any]:
+        total = sum(v.share for v in self.cfg.variants)
+        return {"tasks": self.tasks, "rank_by": self.rank_weights.tolist(), "variants": [
+            {"name": v.name, "share": v.share / total, "run_dir": v.run_dir,
+             "model": self.runs[v.name].config.model.name,
+             "hparams": self.runs[v.name].config.model.hparams,
+             "metrics": self.runs[v.name].metrics}
+            for v in self.cfg.variants
+        ]}
+
+
+def check_same_schema(runs: dict[str, RunFolder]) -> Schema:
+    """Variants answer the same request, so they must read the same features."""
+    (first_name, first), *others = runs.items()
+    for name, run in others:
+        if run.schema != first.schema:
+            raise ConfigError(f"variants: {name!r} ({run.path}) has another schema than "
+                              f"{first_name!r} ({first.path}); variants must share one schema")
+    return first.schema
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before anything parses it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                return await self._too_large(scope, send, declared.decode(errors="replace"))
+            return await self.app(scope, receive, send)
+        # No length declared (chunked): read it all here, within the limit, then replay it.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, send, f"over {size}")
+        body = b"".join(chunks)
+
+        async def replay() -> dict:
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, send: Any, size: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse(status_code=413, content={"detail": [{
+            "loc": ["body"], "type": "body_too_large",
+            "msg": f"body of {size} bytes is over limits.max_body_bytes={self.max_bytes}"}]})
+        await response(scope, None, send)
+
+
+def build_app(ranker: Ranker) -> Any:
+    """The FastAPI app of one replica: /v1/rank, /v1/models, /healthz, /openapi.json, /docs."""
+    from fastapi import Body, FastAPI, Header, HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="recray ranking", version="1")
+    app.add_middleware(BodyLimit, max_bytes=ranker.cfg.limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad input, and a NaN input cannot be encoded as
+        # JSON (a 500): name the field and the problem, not the value.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()
+        ]})
+
+    async def rank(request, x_recray_variant=None) -> dict[str, Any]:
+        try:
+            return await ranker.rank(request, x_recray_variant)
+        except RequestError as e:
+            where = ["header", VARIANT_HEADER] if str(e).startswith("header") else ["body"]
+            raise HTTPException(422, [{"loc": where, "msg": str(e), "type": "value_error"}]) from None
+
+    # The body model is built from the schema at run time, so the annotations are set here
+    # (this module's string annotations could not name it).
+    rank.__annotations__ = {
+        "request": Annotated[ranker.RankRequest, Body()],
+        "x_recray_variant": Annotated[str | None, Header(description="the arm to score with")],
+        "return": dict[str, Any],
+    }
+    app.post("/v1/rank")(rank)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return ranker.models()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+# --- applications: from Python, from the CLI, from Serve's own CLI --------------------------------
+def application(cfg: ServeConfig) -> Any:
+    """The bound Serve application for a config (variants loaded by each replica)."""
+    for variant in cfg.variants:
+        if not Path(variant.run_dir).is_dir():
+            raise ConfigError(f"variants.{variant.name}.run_dir: not found: {variant.run_dir}")
+    return Ranker.options(**cfg.deployment_options()).bind(cfg.model_dump(mode="json"))
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve's application builder for `serve run` / `serve deploy`: args = {config: {...}}."""
+    return application(parse(ServeConfig, args.get("config", {}), "args.config"))
+
+
+def serve_config_file(cfg: ServeConfig) -> dict[str, Any]:
+    """The Serve config file (`serve deploy FILE` / `serve run FILE`) that deploys this app."""
+    deployment = {"name": Ranker.name, **cfg.deployment_options()}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": cfg.route_prefix,
+            "import_path": "recray.platform.serve:app_builder",
+            "args": {"config": cfg.model_dump(mode="json")},
+            "deployments": [deployment],
+        }],
+    }
+
+
+def write_serve_config_file(cfg: ServeConfig, folder: str | Path) -> Path:
+    path = Path(folder) / SERVE_CONFIG_FILE
+    path.write_text(yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
+    return path
+
+
+def deploy(cfg: ServeConfig) -> str:
+    """Start Serve on the connected Ray (HTTP on cfg.host:cfg.port) and run the app; its URL."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -1,0 +1,278 @@
+"""Serving: run folders round-trip, arms split by hash, and a real Serve app on loopback that scores
+a request exactly as the model does offline, refuses bad requests by name and stays up."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from recray import models
+from recray.data.jagged import to_batch
+from recray.data.schema import Schema
+from recray.data.simulate import WorldConfig, simulate
+from recray.platform.config import ConfigError, TrainConfig
+from recray.platform.run_folder import load_run_folder, write_run_folder
+from recray.platform.serve import (
+    SERVE_CONFIG_FILE,
+    assign_variant,
+    load_serve_config,
+    serve_config_file,
+    write_serve_config_file,
+)
+
+WORLD = WorldConfig(num_users=1000, num_items=100, num_impressions=6000, seed=7)
+USER_SIDE = ("user_id", "user_segment", "history")
+ITEM_SIDE = ("item_id", "item_tags", "position")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    simulate(out, WORLD)
+    return out
+
+
+def trained_run(data_dir, run_dir, name: str, seed: int) -> torch.nn.Module:
+    """A run folder as `fit()` leaves it: seeded weights stand in for trained ones."""
+    schema = Schema.load(data_dir)
+    torch.manual_seed(seed)
+    model = models.build(name, schema)
+    cfg = TrainConfig.model_validate({"data": {"path": str(data_dir)}, "model": {"name": name}})
+    write_run_folder(run_dir, cfg, schema, model.state_dict(), {"test_auc": 0.5 + seed / 100})
+    return model.eval()
+
+
+def offline_rows(data_dir, user: int | None = None):
+    """All train rows of one user (the first user with at least 5 rows by default)."""
+    table = pq.read_table(data_dir / "train.parquet")
+    if user is None:
+        counts = pc.value_counts(table.column("user_id"))
+        user = next(c["values"].as_py() for c in counts if c["counts"].as_py() >= 5)
+    return table.filter(pc.equal(table.column("user_id"), user))
+
+
+def body_for(rows) -> dict:
+    first = rows.slice(0, 1).to_pylist()[0]
+    return {"user": {k: first[k] for k in USER_SIDE},
+            "candidates": [{k: r[k] for k in ITEM_SIDE} for r in rows.to_pylist()]}
+
+
+# --- run folders ---------------------------------------------------------------------------------
+def test_run_folder_round_trip_scores_like_the_saved_model(data_dir, tmp_path):
+    model = trained_run(data_dir, tmp_path / "run", "dcnv2", seed=1)
+    run = load_run_folder(tmp_path / "run")
+    # plain tensors only: torch's own weights-only unpickler reads the file
+    state = torch.load(tmp_path / "run" / "model" / "weights.pt", weights_only=True)
+    assert all(type(v) is torch.Tensor for v in state.values())
+    assert run.config.model.name == "dcnv2" and run.metrics == {"test_auc": 0.51}
+    batch = to_batch(offline_rows(data_dir), run.schema)
+    with torch.inference_mode():
+        assert torch.equal(run.model(batch), model(batch))
+
+
+def test_run_folder_refuses_pickled_objects_and_foreign_weights(data_dir, tmp_path):
+    trained_run(data_dir, tmp_path / "run", "dcnv2", seed=1)
+    weights = tmp_path / "run" / "model" / "weights.pt"
+    saved = torch.load(weights, weights_only=True)
+    torch.save({"model": ConfigError("not a tensor")}, weights)  # needs unpickling of a class
+    with pytest.raises(ConfigError, match="weights.pt: not a weights-only state dict"):
+        load_run_folder(tmp_path / "run")
+    torch.save({"cross.layers.0.weight": saved["cross.layers.0.weight"]}, weights)
+    with pytest.raises(ConfigError, match=r"do not fit .* missing \['cross.layers.0.bias'"):
+        load_run_folder(tmp_path / "run")
+    torch.save({**saved, "cross.layers.0.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(ConfigError, match="size mismatch for cross.layers.0.weight"):
+        load_run_folder(tmp_path / "run")
+
+
+def test_dcp_shards_of_a_wrapped_model_load_without_a_process_group(data_dir, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model = trained_run(data_dir, tmp_path / "run", "din", seed=2)
+    (tmp_path / "run" / "model" / "weights.pt").unlink()
+    # Names as a DMP inside a {"model", "optimizer"} train state writes them.
+    saved = {f"model._dmp_wrapped_module.{k}": v for k, v in model.state_dict().items()}
+    saved["optimizer.state.0.step"] = torch.tensor(3.0)
+    dcp.save(saved, checkpoint_id=str(tmp_path / "run" / "model" / "dcp"), no_dist=True)
+    run = load_run_folder(tmp_path / "run")
+    for name, value in model.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], value), name
+
+
+# --- config and arms -----------------------------------------------------------------------------
+def test_arms_follow_configured_shares_and_are_stable():
+    names, shares = ["control", "treatment", "holdout"], [0.5, 0.3, 0.2]
+    users = range(20_000)
+    arms = [assign_variant(u, "s1", names, shares) for u in users]
+    for name, share in zip(names, shares, strict=True):
+        observed = arms.count(name) / len(arms)
+        assert abs(observed - share) < 4 * math.sqrt(share * (1 - share) / len(arms)), name
+    assert arms[:100] == [assign_variant(u, "s1", names, shares) for u in range(100)]
+    # another salt re-randomises: about 1 - sum(share^2) of users change arm
+    moved = np.mean([a != assign_variant(u, "s2", names, shares) for u, a in zip(users, arms, strict=True)])
+    assert abs(moved - (1 - sum(s * s for s in shares))) < 0.02
+
+
+def test_serve_config_is_checked_and_the_written_file_is_valid_for_serves_cli(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_ongoing_requests: 4\nbatching: {max_batch_size: 8}\n")
+    with pytest.raises(ConfigError, match="max_ongoing_requests: 4 is below"):
+        load_serve_config(bad, tmp_path)
+    cfg = load_serve_config("configs/serve.yaml", tmp_path)
+    path = write_serve_config_file(cfg, tmp_path)
+    assert path == tmp_path / SERVE_CONFIG_FILE
+    parsed = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = parsed.applications[0]
+    assert app.import_path == "recray.platform.serve:app_builder"
+    assert parsed.http_options.host == "127.0.0.1"
+    assert app.deployments[0].autoscaling_config["max_replicas"] == 2
+    assert serve_config_file(cfg)["applications"][0]["args"]["config"]["variants"][0]["run_dir"] \
+        == str(tmp_path.resolve())
+
+
+def test_serve_verb_names_a_missing_run_folder(capsys):
+    from recray.cli import main
+
+    assert main(["serve", "/nonexistent/run"]) == 2
+    assert "run folder not found: /nonexistent/run" in capsys.readouterr().err
+
+
+# --- a real Serve app on loopback ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def endpoint(ray_local, data_dir, tmp_path_factory):
+    """Two arms (DCN-v2 70%, DIN 30%) behind one app on 127.0.0.1; shut down after the module."""
+    import requests
+    from ray import serve
+
+    from recray.platform.serve import deploy
+
+    runs = tmp_path_factory.mktemp("runs")
+    offline = {"dcn": trained_run(data_dir, runs / "dcn", "dcnv2", seed=3),
+               "din": trained_run(data_dir, runs / "din", "din", seed=4)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = runs / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "port": port,
+        "variants": [{"name": "dcn", "run_dir": str(runs / "dcn"), "share": 0.7},
+                     {"name": "din", "run_dir": str(runs / "din"), "share": 0.3}],
+        "limits": {"max_candidates": 50, "max_history_length": 120, "max_body_bytes": 20_000},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 7,
+                        "upscale_delay_s": 2.5, "downscale_delay_s": 40},
+        "max_ongoing_requests": 48,
+        "cpus_per_replica": 0.5,
+    }))
+    url = deploy(load_serve_config(config))
+    session = requests.Session()
+    yield url, session, offline
+    serve.shutdown()
+
+
+@pytest.mark.ray
+def test_online_scores_equal_offline_scores_on_the_same_parquet_rows(endpoint, data_dir):
+    url, session, offline = endpoint
+    schema = Schema.load(data_dir)
+    rows = offline_rows(data_dir)
+    for variant in ("dcn", "din"):
+        answer = session.post(f"{url}/v1/rank", json={**body_for(rows), "variant": variant})
+        assert answer.status_code == 200, answer.text
+        answer = answer.json()
+        with torch.inference_mode():
+            expected = torch.sigmoid(offline[variant](to_batch(rows, schema)))[:, 0].tolist()
+        assert answer["variant"] == variant
+        assert answer["scores"]["label"] == expected  # bit for bit
+        assert answer["ranking"] == sorted(range(len(expected)), key=lambda i: -expected[i])
+    models_answer = session.get(f"{url}/v1/models").json()
+    assert [(v["name"], v["model"], v["share"]) for v in models_answer["variants"]] == \
+        [("dcn", "dcnv2", 0.7), ("din", "din", pytest.approx(0.3))]
+    assert session.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert "/v1/rank" in session.get(f"{url}/openapi.json").json()["paths"]
+
+
+@pytest.mark.ray
+def test_bad_requests_get_4xx_naming_the_field_and_the_app_still_answers(endpoint, data_dir):
+    url, session, _ = endpoint
+    good = body_for(offline_rows(data_dir))
+
+    def changed(edit) -> dict:
+        body = json.loads(json.dumps(good))
+        edit(body)
+        return body
+
+    cases = {
+        "item_id": changed(lambda b: b["candidates"][0].update(item_id="5")),  # wrong type
+        "history": changed(lambda b: b["user"].pop("history")),  # missing feature
+        "candidates": changed(lambda b: b.update(candidates=b["candidates"] * 11)),  # 55 > 50
+        "colour": changed(lambda b: b["user"].update(colour=1)),  # unknown feature
+        "variant": changed(lambda b: b.update(variant="no-such-arm")),
+        "item_tags": changed(lambda b: b["candidates"][1].update(item_tags=[1, 2.5])),
+        "user_segment": changed(lambda b: b["user"].update(user_segment=10**6)),  # out of vocab
+    }
+    for field, body in cases.items():
+        answer = session.post(f"{url}/v1/rank", json=body)
+        assert answer.status_code == 422, (field, answer.text)
+        assert field in answer.text, (field, answer.text)
+    long_history = changed(lambda b: b["user"].update(history=[1] * 121))
+    answer = session.post(f"{url}/v1/rank", json=long_history)
+    assert answer.status_code == 422 and "history" in answer.text
+    nan = json.dumps(changed(lambda b: b["candidates"][0].update(position=12345.5)))
+    nan = nan.replace("12345.5", "NaN")
+    answer = session.post(f"{url}/v1/rank", data=nan, headers={"content-type": "application/json"})
+    assert answer.status_code == 422 and "position" in answer.text, answer.text
+    answer = session.post(f"{url}/v1/rank", json=good, headers={"X-Recray-Variant": "zzz"})
+    assert answer.status_code == 422 and "x-recray-variant" in answer.text
+    answer = session.post(f"{url}/v1/rank", data=b"[" * 30_000,
+                          headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "max_body_bytes" in answer.text
+    # A bad request queued with good ones fails alone; the app answers throughout.
+    out_of_vocab = changed(lambda b: b["candidates"][0].update(item_id=WORLD.num_items))
+    bodies = [good] * 7 + [out_of_vocab]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda b: session.post(f"{url}/v1/rank", json=b).status_code,
+                              bodies))
+    assert codes == [200] * 7 + [422]
+    assert session.post(f"{url}/v1/rank", json=good).status_code == 200
+
+
+@pytest.mark.ray
+def test_two_variants_split_users_by_hash_in_the_configured_shares(endpoint, data_dir):
+    url, session, _ = endpoint
+    good = body_for(offline_rows(data_dir))
+    users = range(300)
+    arms = []
+    for user in users:
+        good["user"]["user_id"] = user
+        arms.append(session.post(f"{url}/v1/rank", json=good).json()["variant"])
+    share = arms.count("dcn") / len(arms)
+    assert abs(share - 0.7) < 4 * math.sqrt(0.7 * 0.3 / len(arms)), share
+    good["user"]["user_id"] = 17  # the same user keeps the same arm
+    assert {session.post(f"{url}/v1/rank", json=good).json()["variant"] for _ in range(5)} == \
+        {arms[17]}
+
+
+@pytest.mark.ray
+def test_autoscaling_and_concurrency_config_is_applied(endpoint):
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["recray"]["deployments"]["Ranker"]
+    config = deployment["deployment_config"]
+    assert config["max_ongoing_requests"] == 48
+    scaling = config["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 3)
+    assert scaling["target_ongoing_requests"] == 7
+    assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (2.5, 40)
+    assert config["ray_actor_options"]["num_cpus"] == 0.5
+    assert details["http_options"]["host"] == "127.0.0.1"
