@@ -62,3 +62,27 @@ def test_oracle_beats_any_single_feature_ranking(tmp_path):
     for column in ("position", "item_id", "user_id"):
         x = table.column(column).to_numpy().astype(np.float64)
         assert max(roc_auc_score(y, x), roc_auc_score(y, -x)) < oracle_auc
+
+
+@pytest.mark.parametrize("argv, flag", [(["--items", "50"], "--items"),
+                                        (["--impressions", "900"], "--impressions"),
+                                        (["--world", "parametric", "--days", "3"], "--days"),
+                                        (["--world", "parametric", "--creators", "5"], "--creators")])
+def test_simulate_refuses_a_flag_of_the_other_world(tmp_path, capsys, argv, flag):
+    from recray.jobs import data
+
+    assert data.main(["simulate", "--out", str(tmp_path), *argv]) == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "train.parquet").exists()
+
+
+def test_simulate_honours_the_parametric_world_flags(tmp_path):
+    from recray.jobs import data
+
+    argv = ["simulate", "--out", str(tmp_path), "--world", "parametric", "--users", "50",
+            "--items", "30", "--impressions", "1000"]
+    assert data.main(argv) == 0
+    table = pq.read_table([tmp_path / f"{s}.parquet" for s in ("train", "valid", "test")])
+    assert table.num_rows == 1000
+    assert pc.max(table.column("item_id")).as_py() < 30
+    assert pc.max(table.column("user_id")).as_py() < 50

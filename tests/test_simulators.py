@@ -52,7 +52,7 @@ def test_native_vector_env_equals_sync_vector_env_over_scalar_envs(env_id):
         for key, value in got_sync[4].items():
             np.testing.assert_array_equal(value, got_native[4][key], err_msg=key)
         obs_native = got_native[0]
-        resets += int(got_native[2].sum())
+        resets += int((got_native[2] | got_native[3]).sum())
     assert resets > num_users  # every user went through at least one autoreset
 
 
@@ -102,7 +102,31 @@ def test_lts_follows_recsim_code_semantics():
     assert obs["response"]["click"].tolist() == [1, 0]
     assert not terminated
     env.step(np.array([0, 1]))
-    assert env.step(np.array([0, 1]))[2]  # exactly time_budget steps
+    assert env.step(np.array([0, 1]))[3]  # exactly time_budget steps
+
+
+@pytest.mark.parametrize("env_id, time_limit", [(sims.LONG_TERM_SATISFACTION, True),
+                                                 (sims.INTEREST_EVOLUTION, False)])
+def test_a_time_limit_truncates_and_a_spent_budget_terminates(env_id, time_limit):
+    # LTS stops after a fixed number of steps whatever the user does: gymnasium's `truncated`.
+    # IE's budget is the user's state (watching spends it): running out is `terminated`.
+    params = SMALL[env_id]
+    env = gym.make(env_id, **params).unwrapped
+    env.reset(seed=3)
+    steps, done = 0, (False, False)
+    while not any(done):
+        _, _, *done, _ = env.step(np.array([0, 1]))
+        steps += 1
+    assert done == [not time_limit, time_limit]
+    if time_limit:
+        assert steps == params["time_budget"]
+    vec = gym.make_vec(env_id, num_envs=5, vectorization_mode="vector_entry_point", **params)
+    vec.reset(seed=3)
+    ended = np.zeros((2, 5), dtype=bool)
+    for _ in range(60):
+        _, _, terminated, truncated, _ = vec.step(np.tile([0, 1], (5, 1)))
+        ended |= np.array([terminated, truncated])
+    assert ended[1 if time_limit else 0].all() and not ended[0 if time_limit else 1].any()
 
 
 def test_ie_choice_and_interest_update_follow_recsim():
@@ -229,13 +253,17 @@ def test_clickbait_leads_kale_at_first_and_trails_later(thirty_days):
 # --- RL and logged data -------------------------------------------------------------------------
 def test_reinforce_learns_to_beat_myopic_at_high_sensitivity():
     from recray.simulators.evaluate import episode_returns
-    from recray.simulators.rl import train_reinforce
+    from recray.simulators.rl import reinforce_training_seeds, train_reinforce
 
     env = sims.LONG_TERM_SATISFACTION
     agent, history = train_reinforce(env, num_users=128, iterations=10, sensitivity=0.5)
     assert history[-1] > history[0]
-    learned = episode_returns(env, agent, 300, seed=99, sensitivity=0.5).mean()
-    assert learned > 2 * mean_return(env, "myopic", 300, seed=99, sensitivity=0.5)
+    # Evaluated on 300 users it never trained on (user i of `seed=s` has seed s + i).
+    trained = reinforce_training_seeds(num_users=128, iterations=10)
+    seed = trained.stop
+    assert not set(range(seed, seed + 300)) & set(trained)
+    learned = episode_returns(env, agent, 300, seed=seed, sensitivity=0.5).mean()
+    assert learned > 2 * mean_return(env, "myopic", 300, seed=seed, sensitivity=0.5)
 
 
 def test_creator_log_follows_the_data_schema_with_propensities_and_truth():

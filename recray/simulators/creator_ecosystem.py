@@ -19,6 +19,14 @@ round in one batched step (`num_envs` = users; inactive users' actions are ignor
 serves one session per step, users in index order. World-level updates happen at round and day
 ends only and randomness is keyed per user, creator and round, so both forms produce the same
 sessions, responses and rewards for the same seed.
+
+How episodes end. The horizon (`horizon_days`) truncates every episode: the world goes on, it is
+only no longer observed. In the vectorised env a user who churns is `terminated` on the step
+whose day-end made the churn final (a churned user never comes back, so nothing more can be
+earned: the state is absorbing). All users share one world, so a churned user is not reset on
+its own: it stays idle (inactive, zero reward, actions ignored) until the horizon, when the whole
+world autoresets; `info["churned"]` marks it meanwhile. The scalar env's episode is the whole
+world, so it is never terminated, only truncated at the horizon.
 """
 
 from __future__ import annotations
@@ -40,10 +48,15 @@ from recray.simulators.streams import (
     uniforms,
 )
 
-# Streams: per user per round, per user per day, per creator per day.
-_CANDIDATES, _CHOICE, _WATCH = 1, 2, 3
-_RETURN, _SESSIONS, _DRIFT = 4, 5, 6
-_USER_INIT, _CREATOR_INIT, _ENTRY, _UPLOAD, _ITEM = 7, 8, 9, 10, 11
+# Streams, one per attribute so that no two attributes share a draw (a shared uniform would tie
+# public features to hidden ones): per user per round, per user per day, per user, per creator,
+# per creator per day, per item (keyed on its creator and upload step).
+_CANDIDATES, _CANDIDATE_ORDER, _CHOICE, _WATCH = 1, 2, 3, 4
+_RETURN, _SESSIONS, _DRIFT = 5, 6, 7
+_INTERESTS, _ACTIVITY = 8, 9
+_CREATOR_TOPICS, _CREATOR_CLICKBAIT, _CREATOR_QUALITY = 10, 11, 12
+_ENTRY, _UPLOAD = 13, 14
+_ITEM_TOPIC, _ITEM_CLICKBAIT, _ITEM_QUALITY = 15, 16, 17
 MAX_UPLOADS_PER_DAY = 3
 MAX_ENGAGEMENT = 1000.0
 
@@ -95,6 +108,11 @@ class CreatorEcosystem:
         if not 0 <= self.upload_rate <= MAX_UPLOADS_PER_DAY:
             raise ValueError(f"upload_rate: expected in [0, {MAX_UPLOADS_PER_DAY}] per day, got "
                              f"{self.upload_rate}")
+        # Candidates are distinct items, and the seeded catalog is the smallest one there is.
+        if self.num_candidates > self.num_creators * self.initial_items:
+            raise ValueError(f"num_candidates: expected <= num_creators * initial_items = "
+                             f"{self.num_creators * self.initial_items} (the seeded catalog), got "
+                             f"{self.num_candidates}")
 
     @property
     def max_items(self) -> int:
@@ -162,6 +180,21 @@ def effective_number(weights: np.ndarray) -> float:
     return float(np.exp(-(share * np.log(share)).sum()))
 
 
+def sample_without_replacement(picks: np.ndarray, order: np.ndarray, population: int) -> np.ndarray:
+    """`[n, k]` distinct indices in [0, population) per row from two `[n, k]` uniform arrays.
+
+    Floyd's algorithm (Bentley & Floyd 1987) draws a uniform k-subset with k draws and no
+    rejection; sorting by the `order` uniforms then puts the subset in a uniform random order.
+    """
+    n, k = picks.shape
+    chosen = np.empty((n, k), dtype=np.int64)
+    for slot, j in enumerate(range(population - k, population)):
+        t = (picks[:, slot] * (j + 1)).astype(np.int64)
+        taken = (chosen[:, :slot] == t[:, None]).any(axis=1)
+        chosen[:, slot] = np.where(taken, j, t)
+    return np.take_along_axis(chosen, np.argsort(order, axis=1), axis=1)
+
+
 def _categorical(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Row-wise inverse-CDF draws: `u` `[n, k]` uniforms -> `[n, k]` column indices of `weights`."""
     cdf = np.cumsum(weights, axis=1)
@@ -178,10 +211,10 @@ class CreatorWorld:
         self.day, self.round = 0, 0
         self.user_keys = child_keys(key[0], np.arange(p.num_users))
         zero = np.zeros(p.num_users, dtype=np.int64)
-        init = uniforms(self.user_keys, zero, _USER_INIT, 1 + p.num_topics)
-        # A few strong tastes per user: squared uniforms spread interests over [-1, 1].
-        self.interests = 2.0 * init[:, 1:] ** 2 - 0.5
-        self.activity = init[:, 0]
+        # A few strong tastes per user: squared uniforms spread interests over [-1, 1], the range
+        # the daily drift is clipped to.
+        self.interests = 2.0 * uniforms(self.user_keys, zero, _INTERESTS, p.num_topics) ** 2 - 1.0
+        self.activity = uniforms(self.user_keys, zero, _ACTIVITY, 1)[:, 0]
         self.satiation = np.zeros((p.num_users, p.num_topics))
         self.satisfaction = np.zeros(p.num_users)
         self.absent_days = np.zeros(p.num_users, dtype=np.int64)
@@ -211,8 +244,11 @@ class CreatorWorld:
         self.exits = 0
         self.entries = 0
 
+        # An item keeps its creator's id for life; the slot is where that creator's statistics
+        # live while it stays (a newcomer in the slot is another creator).
         n = p.max_items
-        self.item_creator = np.full(n, -1, dtype=np.int64)
+        self.item_slot = np.full(n, -1, dtype=np.int64)
+        self.item_creator_id = np.full(n, -1, dtype=np.int64)
         self.item_topic = np.zeros(n, dtype=np.int64)
         self.item_quality = np.zeros(n)
         self.item_clickbait = np.zeros(n)
@@ -224,8 +260,11 @@ class CreatorWorld:
         self.next_uid = 0  # item ids are never reused, so logs can key on them
 
         self._enter(np.arange(m))
-        for age in range(p.initial_items):
-            self._upload(np.arange(m), np.ones(m, dtype=np.int64), day=-1 - age % p.item_lifetime_days)
+        # The seeded catalog: item `age` of each creator was uploaded on the evening of day
+        # -1 - age % lifetime; negative draw steps keep its draws apart from daily uploads'.
+        age = np.tile(np.arange(p.initial_items), m)
+        self._upload(np.repeat(np.arange(m), p.initial_items), -1 - age % p.item_lifetime_days,
+                     -1 - age)
         self._start_day()
 
     # --- creators ---------------------------------------------------------------------------
@@ -233,14 +272,12 @@ class CreatorWorld:
         """New creators in `slots`: a topic niche, a quality, a clickbait style."""
         p = self.p
         gen = self.next_creator_id + np.arange(len(slots))
-        self.creator_keys[slots] = child_keys(self.key[0] ^ np.uint64(0xC0FFEE), gen)
-        u = uniforms(self.creator_keys[slots], np.zeros(len(slots), np.int64), _CREATOR_INIT,
-                     3 + p.num_topics)
-        z = normals(self.creator_keys[slots], np.zeros(len(slots), np.int64), _CREATOR_INIT, 1)
-        mix = u[:, 3:] ** 4  # peaked: most creators have one or two main topics
+        keys = self.creator_keys[slots] = child_keys(self.key[0] ^ np.uint64(0xC0FFEE), gen)
+        zero = np.zeros(len(slots), np.int64)
+        mix = uniforms(keys, zero, _CREATOR_TOPICS, p.num_topics) ** 4  # one or two main topics
         self.topic_mix[slots] = mix / mix.sum(axis=1, keepdims=True)
-        self.creator_quality[slots] = z[:, 0]
-        self.creator_clickbait[slots] = u[:, 0]
+        self.creator_quality[slots] = normals(keys, zero, _CREATOR_QUALITY, 1)[:, 0]
+        self.creator_clickbait[slots] = uniforms(keys, zero, _CREATOR_CLICKBAIT, 1)[:, 0]
         self.creator_alive[slots] = True
         self.creator_id[slots] = gen
         self.creator_satisfaction[slots] = 0.5
@@ -248,25 +285,24 @@ class CreatorWorld:
         self.next_creator_id += len(slots)
         self.entries += len(slots)
 
-    def _upload(self, slots: np.ndarray, counts: np.ndarray, day: int) -> None:
-        """Each creator in `slots` uploads `counts` items into the catalog ring."""
-        owners = np.repeat(slots, counts)
+    def _upload(self, owners: np.ndarray, days: np.ndarray, steps: np.ndarray) -> None:
+        """One item per entry of `owners` (slots), uploaded on `days`, drawn at creator `steps`."""
         if len(owners) == 0:
             return
-        nth = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
-        steps = np.full(len(owners), day * MAX_UPLOADS_PER_DAY, dtype=np.int64) + nth
-        u = uniforms(self.creator_keys[owners], steps, _ITEM, 2)
-        z = normals(self.creator_keys[owners], steps, _ITEM, 1)[:, 0]
+        keys = self.creator_keys[owners]
         where = (self.next_item + np.arange(len(owners))) % self.p.max_items
         self.next_item = int((self.next_item + len(owners)) % self.p.max_items)
-        self.item_creator[where] = owners
+        self.item_slot[where] = owners
+        self.item_creator_id[where] = self.creator_id[owners]
         self.item_uid[where] = self.next_uid + np.arange(len(owners))
         self.next_uid += len(owners)
-        self.item_topic[where] = _categorical(self.topic_mix[owners], u[:, :1])[:, 0]
-        self.item_quality[where] = self.creator_quality[owners] + 0.5 * z
-        self.item_clickbait[where] = np.clip(self.creator_clickbait[owners] + 0.2 * (u[:, 1] - 0.5),
-                                             0.0, 1.0)
-        self.item_day[where] = day
+        self.item_topic[where] = _categorical(self.topic_mix[owners],
+                                              uniforms(keys, steps, _ITEM_TOPIC, 1))[:, 0]
+        self.item_quality[where] = self.creator_quality[owners] + 0.5 * normals(
+            keys, steps, _ITEM_QUALITY, 1)[:, 0]
+        offset = uniforms(keys, steps, _ITEM_CLICKBAIT, 1)[:, 0] - 0.5
+        self.item_clickbait[where] = np.clip(self.creator_clickbait[owners] + 0.2 * offset, 0.0, 1.0)
+        self.item_day[where] = days
         self.item_clicks[where] = 0.0
         self.item_impressions[where] = 0.0
 
@@ -274,8 +310,8 @@ class CreatorWorld:
         p = self.p
         alive = np.flatnonzero(self.creator_alive)
         # Dry uploads: items uploaded yesterday that nobody clicked by tonight.
-        fresh = np.flatnonzero((self.item_day == self.day - 1) & (self.item_creator >= 0))
-        owner = self.item_creator[fresh]
+        fresh = np.flatnonzero((self.item_day == self.day - 1) & self._owner_present())
+        owner = self.item_slot[fresh]
         dry = np.bincount(owner, weights=self.item_clicks[fresh] == 0, minlength=p.num_creators)
         wet = np.bincount(owner, weights=self.item_clicks[fresh] > 0, minlength=p.num_creators)
         self.dry_uploads = np.where(wet > 0, 0, self.dry_uploads + dry.astype(np.int64))
@@ -303,7 +339,9 @@ class CreatorWorld:
         keys, steps = self.creator_keys[alive], np.full(len(alive), self.day, np.int64)
         u = uniforms(keys, steps, _UPLOAD, MAX_UPLOADS_PER_DAY)
         counts = (u < p.upload_rate / MAX_UPLOADS_PER_DAY).sum(axis=1)
-        self._upload(alive, counts, self.day)
+        nth = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        self._upload(np.repeat(alive, counts), np.full(len(nth), self.day),
+                     self.day * MAX_UPLOADS_PER_DAY + nth)
         self.exposure_yesterday = self.exposure_today.copy()
         self.exposure_today[:] = 0.0
         self.engagement_today[:] = 0.0
@@ -326,10 +364,14 @@ class CreatorWorld:
         extra = uniforms(self.user_keys, steps, _SESSIONS, max(p.sessions_per_day - 1, 1))
         extra = (extra[:, :p.sessions_per_day - 1] < self.activity[:, None]).sum(axis=1)
         self.sessions_today = np.where(self.active_today, 1 + extra, 0)
-        lifetime = self.day - self.item_day < p.item_lifetime_days
-        pool = np.flatnonzero(lifetime & (self.item_creator >= 0))
-        # A catalog never runs dry: with no recent uploads, every stored item is a candidate.
-        self.pool = pool if len(pool) else np.flatnonzero(self.item_creator >= 0)
+        # An upload of the evening of day d is shown on days d + 1 .. d + lifetime.
+        stored = self.item_uid >= 0
+        pool = np.flatnonzero(stored & (self.day - self.item_day <= p.item_lifetime_days))
+        if len(pool) < p.num_candidates:
+            # A catalog never runs dry: short of recent uploads, the newest stored items serve.
+            newest = np.flatnonzero(stored)[np.argsort(self.item_uid[stored])]
+            pool = newest[-p.num_candidates:]
+        self.pool = pool
 
     def round_users(self) -> np.ndarray:
         """Users with a session in the current round, in index order."""
@@ -340,10 +382,12 @@ class CreatorWorld:
         return self.day * self.p.sessions_per_day + self.round
 
     def candidates(self, users: np.ndarray) -> np.ndarray:
-        """`[n, num_candidates]` catalog rows retrieved for each user's session this round."""
-        u = uniforms(self.user_keys[users], np.full(len(users), self.counter, np.int64),
-                     _CANDIDATES, self.p.num_candidates)
-        return self.pool[(u * len(self.pool)).astype(np.int64)]
+        """`[n, num_candidates]` distinct catalog rows retrieved uniformly for each user's session."""
+        keys, steps = self.user_keys[users], np.full(len(users), self.counter, np.int64)
+        k = self.p.num_candidates
+        return self.pool[sample_without_replacement(uniforms(keys, steps, _CANDIDATES, k),
+                                                    uniforms(keys, steps, _CANDIDATE_ORDER, k),
+                                                    len(self.pool))]
 
     def observe(self, users: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         """The public view of each user's candidates and the user's own logged history."""
@@ -357,7 +401,7 @@ class CreatorWorld:
         return {
             "doc": np.concatenate([topic, public.astype(np.float32)], axis=-1),
             "item_id": self.item_uid[rows],
-            "creator_id": self.creator_id[self.item_creator[rows]],
+            "creator_id": self.item_creator_id[rows],
             "user": (history / np.maximum(history.sum(axis=1, keepdims=True), 1.0)).astype(
                 np.float32),
             "active": (self.sessions_today[users] > self.round).astype(np.int8)[:, None],
@@ -406,21 +450,28 @@ class CreatorWorld:
 
     def end_round(self, log: dict[str, np.ndarray]) -> None:
         """World-level updates from every session of the round: public counts, creator stats."""
-        shown, click = log["shown"], log["click"]
-        np.add.at(self.item_impressions, shown.ravel(), 1.0)
-        np.add.at(self.item_clicks, shown.ravel(), click.ravel().astype(float))
-        owner = self.item_creator[shown]
-        np.add.at(self.exposure_today, owner.ravel(), 1.0)
-        watched = click * log["engagement"][:, None]
-        np.add.at(self.engagement_today, owner.ravel(), watched.ravel())
-        np.add.at(self.engagement_by_topic, (owner.ravel(), self.item_topic[shown].ravel()),
-                  watched.ravel())
+        shown, click = log["shown"].ravel(), log["click"].ravel()
+        np.add.at(self.item_impressions, shown, 1.0)
+        np.add.at(self.item_clicks, shown, click.astype(float))
+        # A departed creator's items stay in the catalog, but its statistics leave with it.
+        credited = self._owner_present(shown)
+        shown = shown[credited]
+        owner = self.item_slot[shown]
+        watched = (click * np.repeat(log["engagement"], self.p.slate_size))[credited]
+        np.add.at(self.exposure_today, owner, 1.0)
+        np.add.at(self.engagement_today, owner, watched)
+        np.add.at(self.engagement_by_topic, (owner, self.item_topic[shown]), watched)
         self.round += 1
         if self.round == self.p.sessions_per_day:
             self._creators_end_day()
             self.round = 0
             self.day += 1
             self._start_day()
+
+    def _owner_present(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Whether each catalog row's creator still holds the slot it uploaded from."""
+        slot = self.item_slot[rows]
+        return (slot >= 0) & (self.creator_id[slot] == self.item_creator_id[rows])
 
     @property
     def done(self) -> bool:
@@ -434,8 +485,8 @@ class CreatorWorld:
             "creator_exits": self.exits,
             "creator_entries": self.entries - self.p.num_creators,
             # The effective number of creators behind the recent catalog (independent sources).
-            "catalog_diversity": effective_number(np.bincount(
-                self.item_creator[self.pool], minlength=self.p.num_creators).astype(float)),
+            "catalog_diversity": effective_number(np.unique(
+                self.item_creator_id[self.pool], return_counts=True)[1].astype(float)),
             # Supply by topic: the effective number of topics the living creators produce.
             "topic_diversity": effective_number(self.topic_mix[self.creator_alive].sum(axis=0)),
             # Demand side: the effective number of creators sharing yesterday's exposure.
@@ -582,6 +633,7 @@ class CreatorEcosystemVectorEnv(VectorEnv):
         # Inactive users' actions are ignored, as an autoresetting sub-env's would be.
         slates = validate_slates(actions[users], self.params.num_candidates, self.params.slate_size)
         log = self.world.serve(users, self._rows[users], slates)
+        churned_before = self.world.churned.copy()
         self.world.end_round(log)
         reward = np.zeros(self.num_envs)
         reward[users] = log["engagement"]
@@ -590,7 +642,7 @@ class CreatorEcosystemVectorEnv(VectorEnv):
         p_click = np.zeros((self.num_envs, self.params.slate_size))
         p_click[users] = log["p_click"]
         info["p_click"], info["_p_click"] = p_click, np.ones(self.num_envs, dtype=bool)
-        terminated = np.zeros(self.num_envs, dtype=bool)
+        terminated = self.world.churned & ~churned_before
         return obs, reward, terminated, np.full(self.num_envs, self._truncated), info
 
 

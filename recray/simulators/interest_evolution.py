@@ -6,7 +6,9 @@ Normal(cluster mean, 0.1) with cluster means concat(linspace(-3, 0, 14), linspac
 video length 4; a time budget of 200 minutes that a watch spends and quality refunds; a no-click
 step penalty of 0.5; choice probabilities proportional to (interest - min_normalizer) with the
 no-click option scored no_click_mass - min_normalizer = 2; interests move only in the clicked
-cluster, towards the video or (with probability 1 - (interest + 1)/2) away from it.
+cluster, towards the video or (with probability 1 - (interest + 1)/2) away from it. A spent budget
+is the user's own state (watching spends it, quality refunds it), so it ends the episode as
+`terminated`, not as a time limit.
 
 RecSim puts each shown video's quality in the response; here quality is privileged truth and goes
 to `info` only, so a policy sees interests, topics, clicks and watch time, as DESIGN.md asks.

@@ -4,9 +4,12 @@ One row per shown item per session, in the foundation's Parquet conventions (rec
 ids, a jagged `list<int64>` user history (item ids clicked before this session, oldest first),
 float32 dense features, float32 binary labels `label_click`, `label_long_view` (watched at least
 LONG_VIEW_MINUTES) and `label_return` (the user came back the next day), the int64 `day` of the
-impression (rows are in time order), the float32 `engagement_minutes`, plus the truth columns `p_click` (the true
-click probability of that slot in that slate) and `propensity` (the logging policy's probability
-of putting that item in that slot, given the slots above it), which are not features.
+impression (rows are in time order), the float32 `engagement_minutes`, plus columns that are not
+features: the int64 `session_id` (one per served session, i.e. per slate) and `slot` (the row's
+place in that slate, 0 first), the truth `p_click` (the true click probability of that slot in
+that slate), `propensity` (the logging policy's probability that the item is shown anywhere in the
+slate, for item-level inverse propensity weighting) and `slot_propensity` (its probability of
+taking that slot given the slots above it: a session's product is the slate's probability).
 """
 
 from __future__ import annotations
@@ -42,25 +45,57 @@ class LogConfig:
     world: dict[str, Any] = field(default_factory=lambda: {"num_creators": 100})
 
 
+# Exact inclusion probabilities enumerate the ordered prefixes of a slate: C^(k-1) of them.
+MAX_PREFIXES = 100_000
+
+
+def inclusion_probabilities(weights: np.ndarray, slate_size: int) -> np.ndarray:
+    """`[N, C]` probability that each candidate is in a Plackett-Luce slate of `slate_size`.
+
+    Exact: the sum, over the ordered prefixes that leave a candidate out, of the prefix's
+    probability times the candidate's share of the weight that remains.
+    """
+    num_candidates = weights.shape[1]
+    if num_candidates ** (slate_size - 1) > MAX_PREFIXES:
+        raise ValueError(f"slate_size: {slate_size} of {num_candidates} candidates has more than "
+                         f"{MAX_PREFIXES} ordered prefixes to sum over; expected a smaller slate")
+    inclusion = np.zeros_like(weights)
+
+    def visit(prefix_prob: np.ndarray, left: np.ndarray, depth: int) -> None:
+        pick = prefix_prob[:, None] * left / left.sum(axis=1, keepdims=True)
+        inclusion[...] += pick
+        if depth + 1 < slate_size:
+            for j in range(num_candidates):
+                rest = left.copy()
+                rest[:, j] = 0.0
+                visit(pick[:, j], rest, depth + 1)
+
+    visit(np.ones(len(weights)), weights.astype(np.float64), 0)
+    return inclusion
+
+
 class SoftmaxLoggingPolicy:
     """Plackett-Luce over `score / temperature`: every candidate has a known, non-zero propensity."""
 
     def __init__(self, slate_size: int, temperature: float = 1.0) -> None:
         self.slate_size, self.temperature = slate_size, temperature
 
-    def act(self, obs: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Slates `[N, k]` and each pick's conditional propensity `[N, k]`."""
+    def act(self, obs: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slates `[N, k]`, each pick's conditional propensity `[N, k]` (given the slots above)
+        and each shown item's probability of being in the slate at all `[N, k]`."""
         logits = _expected_engagement(obs) / self.temperature
         gumbel = -np.log(-np.log(rng.random(logits.shape)))
         slates = np.argsort(-(logits + gumbel), axis=1)[:, :self.slate_size]
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        shown = np.take_along_axis(inclusion_probabilities(weights, self.slate_size), slates,
+                                   axis=1)
         rows = np.arange(len(logits))
-        propensity = np.empty(slates.shape)
+        slot_propensity = np.empty(slates.shape)
         for slot in range(self.slate_size):
             picked = slates[:, slot]
-            propensity[:, slot] = weights[rows, picked] / weights.sum(axis=1)
+            slot_propensity[:, slot] = weights[rows, picked] / weights.sum(axis=1)
             weights[rows, picked] = 0.0
-        return slates.astype(np.int64), propensity
+        return slates.astype(np.int64), slot_propensity, shown
 
 
 def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
@@ -74,9 +109,10 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
     rng = np.random.default_rng(cfg.seed)
     parts: list[dict[str, Any]] = []
     active_by_day = [world.active_today.copy()]
+    sessions = 0
     while world.day < cfg.days:
         users = np.flatnonzero(obs["active"][:, 0])
-        slates, propensity = policy.act(obs, rng)
+        slates, slot_propensity, propensity = policy.act(obs, rng)
         history = world.history[users]
         day = world.day
         next_obs, reward, _, _, info = env.step(slates)
@@ -84,6 +120,7 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
         k = slates.shape[1]
         pick = np.take_along_axis
         parts.append({
+            "session_id": np.repeat(sessions + np.arange(len(users)), k),
             "user_id": np.repeat(users, k), "day": np.full(len(users) * k, day),
             "item_id": pick(obs["item_id"][users], slates[users], axis=1).ravel(),
             "creator_id": pick(obs["creator_id"][users], slates[users], axis=1).ravel(),
@@ -95,7 +132,9 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
             "engagement": response["engagement"][users].ravel(),
             "p_click": info["p_click"][users].ravel(),
             "propensity": propensity[users].ravel(),
+            "slot_propensity": slot_propensity[users].ravel(),
         })
+        sessions += len(users)
         if world.day != day:
             active_by_day.append(world.active_today.copy())
         obs = next_obs
@@ -106,6 +145,8 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
     mask = rows["history"] >= 0
     offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int32)
     columns: dict[str, pa.Array] = {
+        "session_id": pa.array(rows["session_id"], pa.int64()),
+        "slot": pa.array(rows["position"], pa.int64()),
         "user_id": pa.array(rows["user_id"], pa.int64()),
         "day": pa.array(rows["day"], pa.int64()),
         "item_id": pa.array(rows["item_id"], pa.int64()),
@@ -125,6 +166,7 @@ def simulate_creator_log(cfg: LogConfig = LogConfig()) -> pa.Table:
         "engagement_minutes": pa.array(rows["engagement"].astype(np.float32)),
         "p_click": pa.array(rows["p_click"].astype(np.float32)),
         "propensity": pa.array(rows["propensity"].astype(np.float32)),
+        "slot_propensity": pa.array(rows["slot_propensity"].astype(np.float32)),
     })
     return pa.table(columns)
 

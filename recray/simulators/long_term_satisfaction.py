@@ -3,12 +3,14 @@
 Fidelity (see DESIGN.md): the user always consumes slot 0; engagement is drawn with the
 satisfaction *before* this step's exposure update (RecSim simulates the response, then updates the
 state); the exposure update subtracts 2*(clickbait - 0.5); the reward is the unclipped engagement,
-only the observed engagement is clipped at 100; an episode is exactly `time_budget` steps.
+only the observed engagement is clipped at 100; an episode is exactly `time_budget` steps, a time
+limit, so gymnasium's `truncated` ends it (RecSim's user would go on; it is only no longer observed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -57,6 +59,7 @@ class LongTermSatisfaction(SlateModel):
     time_budget: int = 60
     num_candidates: int = 10
     slate_size: int = 2
+    time_limit: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.memory_discount < 1.0:

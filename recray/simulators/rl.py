@@ -85,9 +85,22 @@ class ReinforcePolicy(Policy):
         return slates.astype(np.int64), plackett_luce_log_prob(logits, torch.from_numpy(slates))
 
 
+def reinforce_training_seeds(num_users: int, iterations: int, seed: int = 0) -> range:
+    """The user seeds `train_reinforce` trains on: evaluate on seeds outside this range."""
+    return range(seed + 1, seed + 1 + iterations * num_users)
+
+
+def ecosystem_training_seeds(iterations: int, seed: int = 0) -> range:
+    """The world seeds `train_ecosystem` trains on: evaluate on a world seeded outside them."""
+    return range(seed + 1, seed + 1 + iterations)
+
+
 def train_reinforce(env_id: str, num_users: int = 256, iterations: int = 30, lr: float = 0.05,
                     seed: int = 0, hidden: int = 16, **params: Any) -> tuple[ReinforcePolicy, list]:
-    """Train on first episodes of `num_users` fresh users per iteration; returns mean return each."""
+    """Train on first episodes of `num_users` fresh users per iteration; returns mean return each.
+
+    Iteration i's users have seeds `seed + 1 + i * num_users` onwards (`reinforce_training_seeds`).
+    """
     env = gym.make_vec(env_id, num_envs=num_users, vectorization_mode="vector_entry_point",
                        **params)
     obs, _ = env.reset(seed=seed)
@@ -97,7 +110,8 @@ def train_reinforce(env_id: str, num_users: int = 256, iterations: int = 30, lr:
     rng = np.random.default_rng(seed)
     history = []
     for iteration in range(iterations):
-        obs, _ = env.reset(seed=seed + 1 + iteration * num_users)
+        obs, _ = env.reset(seed=reinforce_training_seeds(num_users, iterations, seed)[
+            iteration * num_users])
         log_probs, rewards, alive = [], [], np.ones(num_users, dtype=bool)
         while alive.any():
             slates, log_prob = policy.sample(obs, rng)
@@ -129,8 +143,9 @@ def train_ecosystem(num_users: int = 500, iterations: int = 60, horizon_days: in
     closes a day and the user comes back the next morning (`active` in the next observation: a
     logged signal, `label_return` in the logs). The return-to-go is discounted by `gamma` per
     round, so a slate is credited with the engagement and returns of the next few days rather
-    than the noise of a whole month. Each iteration is one fresh world of `horizon_days` days;
-    only served users' slates enter the gradient. The policy sees observations only, never `info`.
+    than the noise of a whole month. Each iteration is one fresh world of `horizon_days` days
+    (seeded by `ecosystem_training_seeds`); only served users' slates enter the gradient. The
+    policy sees observations only, never `info`.
     Returns the policy and per-iteration figures (mean engagement and next-day returns per user).
     """
     from recray.simulators import CREATOR_ECOSYSTEM
@@ -145,7 +160,7 @@ def train_ecosystem(num_users: int = 500, iterations: int = 60, horizon_days: in
     rng = np.random.default_rng(seed)
     history = []
     for iteration in range(iterations):
-        obs, info = env.reset(seed=seed + 1 + iteration)
+        obs, info = env.reset(seed=ecosystem_training_seeds(iterations, seed)[iteration])
         log_probs, rewards, served = [], [], []
         engagement, returns = 0.0, 0.0
         while True:

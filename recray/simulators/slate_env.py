@@ -13,7 +13,7 @@ episodes chain keys (`next_episode_keys`). Hence the native vectorised env retur
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -89,6 +89,9 @@ class SlateModel(ABC):
     num_candidates: int
     slate_size: int
     time_budget: float
+    # How an episode ends when `step` says so: a time limit is `truncated` (the user would go on,
+    # the rest is not observed); otherwise the user reached a terminal state (`terminated`).
+    time_limit: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -111,7 +114,7 @@ class SlateModel(ABC):
     def step(
         self, state: State, docs: State, slates: np.ndarray, keys: np.ndarray, steps: np.ndarray
     ) -> tuple[State, State, np.ndarray, np.ndarray]:
-        """(next state, response, reward `[N]` float64, terminated `[N]` bool) for shown slates."""
+        """(next state, response, reward `[N]` float64, episode ended `[N]` bool) for shown slates."""
 
     @abstractmethod
     def empty_response(self, num_users: int) -> State:
@@ -182,14 +185,15 @@ class SlateEnv(gym.Env):
             raise RuntimeError("step() before reset()")
         slates = validate_slates(np.asarray(action)[None], self.model.num_candidates,
                                  self.model.slate_size)
-        self._state, response, reward, terminated = self.model.step(
+        self._state, response, reward, ended = self.model.step(
             self._state, self._docs, slates, self._key, self._steps)
         self._steps = self._steps + 1
         self._docs = self.model.sample_docs(self._key, self._steps)
         obs = self.model.observe(self._state, self._docs, response)
         info = self.model.info(self._state, self._docs)
-        return (_take_rows(obs, 0), float(reward[0]), bool(terminated[0]), False,
-                _take_rows(info, 0))
+        end = bool(ended[0])
+        return (_take_rows(obs, 0), float(reward[0]), end and not self.model.time_limit,
+                end and self.model.time_limit, _take_rows(info, 0))
 
 
 class SlateVectorEnv(VectorEnv):
@@ -240,7 +244,7 @@ class SlateVectorEnv(VectorEnv):
             actions = actions.copy()
             actions[resetting] = self._noop_slate
         slates = validate_slates(actions, self.model.num_candidates, self.model.slate_size)
-        self._state, response, reward, terminated = self.model.step(
+        self._state, response, reward, ended = self.model.step(
             self._state, self._docs, slates, self._keys, self._steps)
         self._steps += 1
         if len(resetting):
@@ -249,12 +253,14 @@ class SlateVectorEnv(VectorEnv):
             _put_rows(self._state, resetting, self.model.new_users(self._keys[resetting]))
             _put_rows(response, resetting, self.model.empty_response(len(resetting)))
             reward[resetting] = 0.0
-            terminated[resetting] = False
+            ended[resetting] = False
         self._docs = self.model.sample_docs(self._keys, self._steps)
         obs = self.model.observe(self._state, self._docs, response)
-        truncated = np.zeros(self.num_envs, dtype=bool)
-        self._autoreset = terminated.copy()
-        return obs, reward, terminated, truncated, self._batched_info()
+        self._autoreset = ended.copy()
+        never = np.zeros(self.num_envs, dtype=bool)
+        if self.model.time_limit:
+            return obs, reward, never, ended, self._batched_info()
+        return obs, reward, ended, never, self._batched_info()
 
     def _batched_info(self) -> dict:
         info: dict[str, np.ndarray] = dict(self.model.info(self._state, self._docs))
