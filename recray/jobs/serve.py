@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import time
+import threading
 
 from recray.jobs import main_for
 
@@ -43,17 +44,19 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
     else:
-        ray.init(_node_ip_address="127.0.0.1", log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level="WARNING")
     url = deploy(cfg)
     print(f"serving {', '.join(v.name for v in cfg.variants)} at {url}/v1/rank "
           f"(docs {url}/docs); Serve config for `serve deploy`: {config_file}", flush=True)
     if args.detach:
         return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    # Ctrl-C or a TERM from a supervisor: take the app down (Serve's own shutdown) and leave.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
     return 0
 
 
