@@ -6,6 +6,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 import recray.simulators as sims
@@ -15,14 +16,16 @@ from recray.simulators.logging_policy import (
     SoftmaxLoggingPolicy,
     schema_for_log,
     simulate_creator_log,
+    write_creator_log,
 )
 
 DRAWS = 40_000
+SMALL = LogConfig(num_users=200, days=2, world={"num_creators": 20})
 
 
 @pytest.fixture(scope="module")
 def log():
-    return simulate_creator_log(LogConfig(num_users=200, days=2, world={"num_creators": 20}))
+    return simulate_creator_log(SMALL)
 
 
 @pytest.mark.parametrize("slate_size", [2, 3])
@@ -82,3 +85,14 @@ def test_session_slot_and_propensity_columns_are_not_features(log):
     batch = to_batch(log, schema)
     assert batch.labels.shape == (log.num_rows, 3)
     assert pc.min(log.column("propensity")).as_py() > 0
+
+
+def test_written_splits_keep_each_slate_whole(tmp_path, log):
+    write_creator_log(tmp_path, SMALL)
+    sessions = [pq.read_table(tmp_path / f"{name}.parquet").column("session_id").to_numpy()
+                for name in ("train", "valid", "test")]
+    # Time order (the rows are logged in session order), and no session in two splits.
+    assert sessions[0].max() < sessions[1].min() and sessions[1].max() < sessions[2].min()
+    sizes = np.array([len(s) for s in sessions])
+    assert sizes.sum() == log.num_rows
+    assert (np.abs(sizes - np.array([0.8, 0.1, 0.1]) * log.num_rows) <= 2).all()

@@ -3,7 +3,7 @@
 A day has up to `sessions_per_day` rounds. Each morning a user returns with a probability set by
 yesterday's satisfaction (absent `churn_after_days` days in a row, a user has churned for good)
 and has 1 to `sessions_per_day` sessions. In each session the platform ranks `num_candidates`
-items retrieved uniformly from the recent catalog; the user picks at most one slot by a
+distinct items retrieved uniformly from the recent catalog; the user picks at most one slot by a
 multinomial logit over latent interest, satiation, clickbait lure and position; a click yields
 watch minutes driven by latent quality. Each evening creators see only their own statistics:
 satisfaction follows their engagement, their topic mix moves toward what earned engagement, they

@@ -206,12 +206,15 @@ def write_creator_log(out: str | Path, cfg: LogConfig = LogConfig()) -> dict[str
     """Write train/valid/test Parquet, schema.yaml and oracle.json; return the oracle click AUCs.
 
     The split is time-ordered 8:1:1 over the rows, which are logged in (day, session) order: a
-    model is validated and tested on later days than it trained on, as it would be deployed.
+    model is validated and tested on later days than it trained on, as it would be deployed. Each
+    cut moves to the next session boundary, so a slate never straddles two splits.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = simulate_creator_log(cfg)
-    n_train, n_valid = int(0.8 * table.num_rows), int(0.9 * table.num_rows)
+    session = table.column("session_id").to_numpy()
+    n_train, n_valid = (int(np.searchsorted(session, session[int(share * table.num_rows)]))
+                        for share in (0.8, 0.9))
     bounds = {"train": (0, n_train), "valid": (n_train, n_valid), "test": (n_valid, table.num_rows)}
     oracle = {}
     for name, (start, stop) in bounds.items():
