@@ -152,6 +152,7 @@ def test_config_check_reads_the_upload_not_the_local_disk(tmp_path):
     # a URI or a path on the nodes is read there as given
     check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "s3://bucket/sim"})
     check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "/mnt/shared/sim"})
+    check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "~/sim"})
     with pytest.raises(ConfigError, match=r"data.path: 'nowhere' .*schema.yaml, train.parquet, "
                                           r"valid.parquet, test.parquet not found"):
         check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "nowhere"})
@@ -159,7 +160,7 @@ def test_config_check_reads_the_upload_not_the_local_disk(tmp_path):
         check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "../wd/sim"})
     (root / ".gitignore").write_text("*.parquet\n")  # a user's own ignore file counts too
     uploaded = set(package(root, tmp_path / "pkg2.zip"))
-    with pytest.raises(ConfigError, match=r"train.parquet, valid.parquet, test.parquet exist"):
+    with pytest.raises(ConfigError, match=r"train.parquet, valid.parquet, test.parquet are here"):
         check_config("configs/sim-dcnv2.yaml", root, uploaded, {"data.path": "sim"})
     with pytest.raises(ConfigError, match=r"config: configs/other.yaml is not in the job's upload"):
         check_config("configs/other.yaml", root, uploaded)

@@ -68,15 +68,15 @@ def check_config(
             "out by Ray's excludes, a .gitignore or a .rayignore)"
         )
     data_path = load_train_config(working_dir / config, overrides).data.path
-    if "://" in data_path or posixpath.isabs(data_path):
+    if "://" in data_path or posixpath.isabs(data_path) or data_path.startswith("~"):
         return
     missing = [f for f in DATA_FILES if posixpath.normpath(f"{data_path}/{f}") not in uploaded]
     if not missing:
         return
     local = [f for f in missing if (working_dir / data_path / f).is_file()]
     why = (
-        f"{', '.join(local)} exist(s) in {working_dir} but are left out of the job's upload (by "
-        f"recray's excludes {EXCLUDES}, Ray's, a .gitignore or a .rayignore)"
+        f"{', '.join(local)} are here in {working_dir / data_path} but left out of the job's "
+        f"upload (by recray's excludes {EXCLUDES}, Ray's, a .gitignore or a .rayignore)"
         if local
         else f"{', '.join(missing)} not found in the working directory {working_dir}"
     )
