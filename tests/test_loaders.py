@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -442,6 +443,50 @@ def test_taobao_samples_clicks_with_negatives_and_a_time_split(tmp_path):
     times = [t.column("timestamp").to_numpy() for t in tables.values()]
     assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
     assert all(len(t) for t in times)
+
+
+def test_taobao_split_files_split_exact_duplicate_clicks_and_count_short_histories(
+    tmp_path, capsys
+):
+    raw = write_taobao(tmp_path / "UserBehavior.csv", n=300)
+    clicks = np.nonzero(raw["behavior"] == "pv")[0]
+    repeats = np.random.default_rng(3).choice(clicks, 30, replace=False)
+    with open(tmp_path / "UserBehavior.csv", "a") as fh:  # exact copies of 30 click lines
+        fh.writelines(
+            f"{raw['user'][r]},{raw['item'][r]},{raw['category'][r]},pv,{raw['time'][r]}\n"
+            for r in repeats
+        )
+    raw = {k: np.concatenate([v, v[repeats]]) for k, v in raw.items()}
+    clicks = np.nonzero(raw["behavior"] == "pv")[0]
+    code = np.random.default_rng(4).integers(0, 3, len(clicks))
+    keys = [
+        {"user_id": raw["user"][clicks[code == k]], "item_id": raw["item"][clicks[code == k]],
+         "timestamp": raw["time"][clicks[code == k]]}
+        for k in range(3)
+    ]
+    out = prepare("taobao", tmp_path, tmp_path / "out", negatives=1,
+                  split_files=write_split_files(tmp_path / "s", keys))
+    # brute force: a key's copies take its lines in file order; a positive needs an earlier click
+    lines: dict[tuple, list[int]] = {}
+    for k in range(3):
+        for key in zip(keys[k]["user_id"], keys[k]["item_id"], keys[k]["timestamp"], strict=True):
+            lines.setdefault(tuple(key), []).append(k)
+    expected: list[set[int]] = [set(), set(), set()]
+    short = 0
+    for r in clicks:
+        split = lines[(raw["user"][r], raw["item"][r], raw["time"][r])].pop(0)
+        if ((raw["user"][clicks] == raw["user"][r]) & (raw["time"][clicks] < raw["time"][r])).any():
+            expected[split].add(int(r))
+        else:
+            short += 1
+    tables = read_splits(out)
+    for split, rows in zip(SPLITS, expected, strict=True):
+        positives = tables[split].filter(pc.equal(tables[split].column("label"), 1))
+        assert sorted(positives.column("row").to_pylist()) == sorted(rows)
+    err = capsys.readouterr().err
+    assert f"taobao: {short} clicks named by split_files have fewer than min_history=1" in err
+    distinct = len({(raw["user"][r], raw["item"][r], raw["time"][r]) for r in clicks})
+    assert f"{len(clicks) - distinct} duplicate rows" in err and len(clicks) - distinct >= 30
 
 
 def test_taobao_real_sample_parses(shared_data, tmp_path):

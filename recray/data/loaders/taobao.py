@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,7 +79,14 @@ def prepare_taobao(
         }
     )
     codes = split_codes(keys, split_files, time_split(time), allow_partial_split)
-    kept = np.nonzero((np.diff(offsets) >= min_history) & (codes != DROPPED))[0]
+    short = np.diff(offsets) < min_history
+    kept = np.nonzero(~short & (codes != DROPPED))[0]
+    if split_files is not None:  # rows the files name that cannot be samples: say how many
+        print(
+            f"taobao: {int((short & (codes != DROPPED)).sum())} clicks named by split_files have "
+            f"fewer than min_history={min_history} earlier clicks and are left out",
+            file=sys.stderr,
+        )
     positives = pa.table(
         {
             "user_id": user,
