@@ -57,6 +57,9 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(default=16, gt=0)
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
+    look_back_period_s: float | None = Field(default=None, gt=0, description="load averaged "
+                                             "over this window; None: Serve's default (30 s)")
+    metrics_interval_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
