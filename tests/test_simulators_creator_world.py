@@ -84,9 +84,12 @@ def test_candidates_are_distinct_items():
         assert (ids[:, 1:] != ids[:, :-1]).all()
 
 
-def test_candidates_are_a_uniform_sample_of_the_recent_catalog():
+# 10 creators: 50 recent items, so nearly every draw of 20 repeats one and is redrawn; 200
+# creators: 1000 items, so most draws are kept as drawn.
+@pytest.mark.parametrize("num_creators", [10, 200])
+def test_candidates_are_a_uniform_sample_of_the_recent_catalog(num_creators):
     env = gym.make_vec(sims.CREATOR_ECOSYSTEM, num_envs=20_000,
-                       vectorization_mode="vector_entry_point", num_creators=10)
+                       vectorization_mode="vector_entry_point", num_creators=num_creators)
     obs, _ = env.reset(seed=0)
     pool = env.unwrapped.world.item_uid[env.unwrapped.world.pool]
     ids = obs["item_id"]

@@ -51,12 +51,12 @@ from recray.simulators.streams import (
 # Streams, one per attribute so that no two attributes share a draw (a shared uniform would tie
 # public features to hidden ones): per user per round, per user per day, per user, per creator,
 # per creator per day, per item (keyed on its creator and upload step).
-_CANDIDATES, _CANDIDATE_ORDER, _CHOICE, _WATCH = 1, 2, 3, 4
-_RETURN, _SESSIONS, _DRIFT = 5, 6, 7
-_INTERESTS, _ACTIVITY = 8, 9
-_CREATOR_TOPICS, _CREATOR_CLICKBAIT, _CREATOR_QUALITY = 10, 11, 12
-_ENTRY, _UPLOAD = 13, 14
-_ITEM_TOPIC, _ITEM_CLICKBAIT, _ITEM_QUALITY = 15, 16, 17
+_CANDIDATES, _CANDIDATE_REDRAW, _CANDIDATE_ORDER, _CHOICE, _WATCH = 1, 2, 3, 4, 5
+_RETURN, _SESSIONS, _DRIFT = 6, 7, 8
+_INTERESTS, _ACTIVITY = 9, 10
+_CREATOR_TOPICS, _CREATOR_CLICKBAIT, _CREATOR_QUALITY = 11, 12, 13
+_ENTRY, _UPLOAD = 14, 15
+_ITEM_TOPIC, _ITEM_CLICKBAIT, _ITEM_QUALITY = 16, 17, 18
 MAX_UPLOADS_PER_DAY = 3
 MAX_ENGAGEMENT = 1000.0
 
@@ -382,12 +382,23 @@ class CreatorWorld:
         return self.day * self.p.sessions_per_day + self.round
 
     def candidates(self, users: np.ndarray) -> np.ndarray:
-        """`[n, num_candidates]` distinct catalog rows retrieved uniformly for each user's session."""
+        """`[n, num_candidates]` distinct catalog rows retrieved uniformly for each user's session.
+
+        A draw with replacement that repeats no row is a uniform subset in a uniform order; the
+        few sessions whose draw repeats one are redrawn without replacement from fresh streams,
+        so the mixture is uniform too, and most sessions cost one vectorised draw.
+        """
         keys, steps = self.user_keys[users], np.full(len(users), self.counter, np.int64)
-        k = self.p.num_candidates
-        return self.pool[sample_without_replacement(uniforms(keys, steps, _CANDIDATES, k),
-                                                    uniforms(keys, steps, _CANDIDATE_ORDER, k),
-                                                    len(self.pool))]
+        k, size = self.p.num_candidates, len(self.pool)
+        picks = (uniforms(keys, steps, _CANDIDATES, k) * size).astype(np.int64)
+        ordered = np.sort(picks, axis=1)
+        again = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if len(again):
+            keys, steps = keys[again], steps[again]
+            picks[again] = sample_without_replacement(
+                uniforms(keys, steps, _CANDIDATE_REDRAW, k),
+                uniforms(keys, steps, _CANDIDATE_ORDER, k), size)
+        return self.pool[picks]
 
     def observe(self, users: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         """The public view of each user's candidates and the user's own logged history."""
