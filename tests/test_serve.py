@@ -198,7 +198,11 @@ def test_online_scores_equal_offline_scores_on_the_same_parquet_rows(endpoint, d
     assert [(v["name"], v["model"], v["share"]) for v in models_answer["variants"]] == \
         [("dcn", "dcnv2", 0.7), ("din", "din", pytest.approx(0.3))]
     assert session.get(f"{url}/healthz").json() == {"status": "ok"}
-    assert "/v1/rank" in session.get(f"{url}/openapi.json").json()["paths"]
+    spec = session.get(f"{url}/openapi.json").json()
+    assert "/v1/rank" in spec["paths"]
+    request_schema = spec["components"]["schemas"]["RankRequest"]
+    assert request_schema["properties"]["candidates"]["maxItems"] == 50
+    assert set(spec["components"]["schemas"]["User"]["required"]) == set(USER_SIDE)
 
 
 @pytest.mark.ray

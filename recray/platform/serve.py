@@ -10,7 +10,9 @@ replica sees every arm anyway, and one deployment saves a handle hop per request
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +20,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from ray import serve
 
 from recray.data.jagged import to_batch
@@ -196,8 +209,11 @@ def request_model(schema: Schema, cfg: ServeConfig) -> type[BaseModel]:
     )
 
 
-def _list_column(values: list[Any]) -> pa.Array:
-    """Ids (int or list of ints per row) -> list<int64>; a single id is a list of one."""
+def _id_column(values: tuple[Any, ...]) -> pa.Array:
+    """Ids per row -> int64 when every row has one id, else list<int64> (a single id = a list of
+    one); to_batch reads both as the same jagged rows."""
+    if all(type(v) is int for v in values):
+        return pa.array(np.fromiter(values, np.int64, len(values)))
     lists = [v if isinstance(v, list) else [v] for v in values]
     lengths = np.fromiter((len(v) for v in lists), np.int32, len(lists))
     offsets = np.zeros(len(lists) + 1, np.int32)
@@ -210,6 +226,12 @@ def request_rows(request: BaseModel, schema: Schema) -> pa.RecordBatch:
     """One row per candidate, in schema column order; user values repeated; labels zero."""
     user = request.user.__dict__
     rows = len(request.candidates)
+    # Candidates -> columns in one pass: a tuple per candidate, transposed by zip.
+    names = [f.name for f in schema.features if f.name not in user]
+    pick = itemgetter(*names) if names else None
+    candidate_rows = [pick(c.__dict__) for c in request.candidates] if len(names) > 1 else \
+        [(pick(c.__dict__),) for c in request.candidates] if names else []
+    by_name = dict(zip(names, zip(*candidate_rows, strict=True), strict=True))
     columns = {}
     for f in schema.features:
         if f.name in user:
@@ -221,10 +243,10 @@ def request_rows(request: BaseModel, schema: Schema) -> pa.RecordBatch:
                 offsets = np.arange(rows + 1, dtype=np.int32) * len(ids)
                 columns[f.name] = pa.ListArray.from_arrays(pa.array(offsets),
                                                            pa.array(np.tile(ids, rows)))
+        elif f.kind == "dense":
+            columns[f.name] = pa.array(np.array(by_name[f.name], np.float32))
         else:
-            values = [c.__dict__[f.name] for c in request.candidates]
-            columns[f.name] = (pa.array(np.asarray(values, np.float32)) if f.kind == "dense"
-                               else _list_column(values))
+            columns[f.name] = _id_column(by_name[f.name])
     for label in schema.labels:  # to_batch wants labels; a request has none
         columns[label] = pa.array(np.zeros(rows, np.float32))
     return pa.RecordBatch.from_pydict(columns)
@@ -387,46 +409,55 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
     async def _too_large(self, scope: dict, send: Any, size: str) -> None:
-        from fastapi.responses import JSONResponse
-
         response = JSONResponse(status_code=413, content={"detail": [{
             "loc": ["body"], "type": "body_too_large",
             "msg": f"body of {size} bytes is over limits.max_body_bytes={self.max_bytes}"}]})
         await response(scope, None, send)
 
 
-def build_app(ranker: Ranker) -> Any:
+def build_app(ranker: Ranker) -> FastAPI:
     """The FastAPI app of one replica: /v1/rank, /v1/models, /healthz, /openapi.json, /docs."""
-    from fastapi import Body, FastAPI, Header, HTTPException
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    def _invalid(errors: list[dict[str, Any]]) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     app = FastAPI(title="recray ranking", version="1")
     app.add_middleware(BodyLimit, max_bytes=ranker.cfg.limits.max_body_bytes)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, error: RequestValidationError) -> JSONResponse:
-        # FastAPI's own answer echoes each bad input, and a NaN input cannot be encoded as
-        # JSON (a 500): name the field and the problem, not the value.
-        return JSONResponse(status_code=422, content={"detail": [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()
-        ]})
+    RankRequest = ranker.RankRequest
 
-    async def rank(request, x_recray_variant=None) -> dict[str, Any]:
+    # The body is parsed and validated in one step by pydantic-core (json.loads and then
+    # validating the objects costs twice as much), and the answer is encoded once by json.dumps.
+    @app.post("/v1/rank", openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/RankRequest"}}}},
+        "parameters": [{"name": VARIANT_HEADER, "in": "header", "required": False,
+                        "description": "the arm to score with", "schema": {"type": "string"}}],
+    })
+    async def rank(http: Request) -> Response:
         try:
-            return await ranker.rank(request, x_recray_variant)
+            request = RankRequest.model_validate_json(await http.body())
+        except ValidationError as e:
+            # named by field; never echoing the input (a NaN cannot even be encoded as JSON)
+            return _invalid([{"loc": ["body", *problem["loc"]], "msg": problem["msg"],
+                              "type": problem["type"]} for problem in e.errors()])
+        try:
+            answer = await ranker.rank(request, http.headers.get(VARIANT_HEADER))
         except RequestError as e:
             where = ["header", VARIANT_HEADER] if str(e).startswith("header") else ["body"]
-            raise HTTPException(422, [{"loc": where, "msg": str(e), "type": "value_error"}]) from None
+            return _invalid([{"loc": where, "msg": str(e), "type": "value_error"}])
+        return Response(json.dumps(answer), media_type="application/json")
 
-    # The body model is built from the schema at run time, so the annotations are set here
-    # (this module's string annotations could not name it).
-    rank.__annotations__ = {
-        "request": Annotated[ranker.RankRequest, Body()],
-        "x_recray_variant": Annotated[str | None, Header(description="the arm to score with")],
-        "return": dict[str, Any],
-    }
-    app.post("/v1/rank")(rank)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            body = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(body.pop("$defs", {}))
+            schemas["RankRequest"] = body
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
