@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def head_node(tmp_path_factory):
                 pytest.fail("the local Ray head node did not come up in 90 s")
             time.sleep(1)
     yield address
-    proc.terminate()
+    proc.send_signal(signal.SIGINT)  # `ray start --block` stops its processes in ~5 s (SIGTERM: >30 s)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
