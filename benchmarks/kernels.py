@@ -1,14 +1,20 @@
-"""Jagged Triton kernels vs torch baselines: GPU correctness, ms, peak memory, useful TFLOP/s.
+"""Jagged Triton kernels vs torch baselines on one GPU: correctness, ms, peak memory, useful TFLOP/s.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels.json     # on a CUDA machine
+    python benchmarks/kernels.py --out benchmarks/results/kernels.json     # one H100/H200, < 8 min
+    python benchmarks/kernels.py --dry-run                                 # the time estimate only
     python benchmarks/kernels.py --device cpu --smoke                      # plumbing check, no GPU
 
-Needs only torch and triton (not Ray or TorchRec), and runs from a checkout where recray is not
-installed. Every number counts real tokens only: useful FLOPs are 4 * sum(len^2) * H * D for a
-softmax forward (halved when causal); forward + backward is 3.5x the forward (the backward is
-2.5x, FlashAttention's convention), so TFLOP/s ratios equal time ratios. Padded baselines get
-pre-padded inputs (the padding copy is not timed) and pad to the batch's longest sequence.
-A baseline that fails or runs out of memory is recorded as such; the run goes on.
+Needs only torch and triton (not Ray or TorchRec) and imports nothing of recray but
+recray.kernels, from a checkout where recray is not installed (PYTHONPATH=. is enough). The run
+prints an estimate of its own time first (autotune compiles dominate it), stops cleanly at
+`--budget-s`, and rewrites its JSON after every row, so a run killed at a lease's end keeps
+what it measured. A short correctness pass (bf16 and fp32 at two head dims, one config per
+kernel) comes before the timing rows, which autotune. Every number counts real tokens only:
+useful FLOPs are 4 * sum(len^2) * H * D for a softmax forward (halved when causal); forward +
+backward is 3.5x the forward (the backward is 2.5x, FlashAttention's convention), so TFLOP/s
+ratios equal time ratios. Padded baselines get pre-padded inputs (the padding copy is not
+timed) and pad to the batch's longest sequence. A baseline that fails or runs out of memory is
+recorded as such; the run goes on.
 """
 
 from __future__ import annotations
@@ -43,13 +49,32 @@ SMOKE_ATTENTION_SHAPES = [(3, 2, 32, 24, 0.5)]
 # (batch, na = nb, dim, k, value_dim)
 MEMORY_SIZES = [
     (2048, 256, 128, 32, 256),
-    (2048, 256, 256, 32, 256),
     (2048, 1024, 128, 32, 256),
     (2048, 1024, 256, 32, 256),
 ]
 SMOKE_MEMORY_SIZES = [(4, 16, 32, 4, 24)]
-MODES = {"softmax": [False, True], "silu": [False, True]}  # activation -> causal settings
+# (activation, causal) timed: softmax both ways, SiLU causal as HSTU uses it
+MODES = [("softmax", False), ("softmax", True), ("silu", True)]
 TOLERANCE = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}  # relative Frobenius error
+# Correctness pass: one autotune config per kernel (RECRAY_KERNELS_AUTOTUNE=0)
+CHECK_DTYPES = ["bfloat16", "float32"]
+CHECK_DIMS = [24, 128]  # 24 pads to a 32-wide block; 128 is the widest, the most resources
+# with target attention (one query per history, then shared histories): softmax and SiLU,
+# causal and not, gathered queries and not, in three compiles per kernel
+CHECK_FLASH_MODES = [("softmax", False), ("silu", True)]
+SMOKE_CHECK = (["float32"], [24])
+
+# Estimate (seconds), measured on the 2-core CPU machine that builds recray (triton 3.7.1,
+# sm_90 target): one autotune config of one kernel compiles in 0.5-1.5 s in bf16 at head dim
+# 64, 0.5-3.8 s at 128, 3-12 s in fp32; the GPU host compiles no slower. Triton's autotuner
+# then times each kept config for 25 + 100 ms; a timed call is its useful FLOPs at 100 TFLOP/s
+# (padded baselines: their padded FLOPs) plus launch overhead.
+COMPILE_S = {("bfloat16", 64): 1.2, ("bfloat16", 128): 2.0, ("float32", 64): 5.0,
+             ("float32", 128): 8.0}  # fmt: skip
+TUNE_S_PER_CONFIG = 0.2
+ESTIMATE_TFLOPS = 100.0
+CALL_OVERHEAD_S = 0.002
+STARTUP_S = 20.0
 
 
 def main() -> None:
@@ -60,6 +85,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument(
+        "--budget-s", type=float, default=420.0,
+        help="stop before a row that would end past this many seconds (default 420: a "
+        "lease of 8 minutes minus start-up)",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the estimate and exit")
     args = parser.parse_args()
     if args.device == "cpu":
         # Triton on CPU tensors = the interpreter, which must be on before triton is imported.
@@ -67,6 +98,11 @@ def main() -> None:
         os.environ["RECRAY_KERNELS"] = "triton"
     if args.smoke:
         args.warmup, args.reps = 1, 1
+    plan = Plan(args.smoke, args.skip_correctness, args.warmup, args.reps)
+    estimate = plan.estimate()
+    print(_estimate_lines(estimate, args.budget_s), flush=True)
+    if args.dry_run:
+        return
 
     import torch
 
@@ -77,6 +113,7 @@ def main() -> None:
     device = torch.device(args.device)
     result: dict = {
         "benchmark": "kernels",
+        "status": "running",
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else (platform.processor() or platform.machine()),
@@ -85,6 +122,8 @@ def main() -> None:
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "smoke": args.smoke,
+        "budget_s": args.budget_s,
+        "estimate_s": estimate,
         "timing": f"median of {args.reps} after {args.warmup} warmup calls"
         + (", CUDA events" if device.type == "cuda" else ", wall clock"),
         "flops": "fwd softmax/silu 4*sum(len^2)*H*D, /2 causal; fwd+bwd 3.5x fwd",
@@ -93,26 +132,219 @@ def main() -> None:
         "tensor included, e.g. all methods' inputs); extra_mb: peak minus what was allocated "
         "before them, i.e. the op's own memory",
         "recray_speedup": "baseline ms / recray ms (> 1: recray is faster)",
+        "correctness": [],
+        "attention": [],
+        "product_key": [],
     }
     started = time.perf_counter()
+    writer = Writer(args.out, result, started)
+    budget = Budget(args.budget_s, started)
     if not args.skip_correctness:
-        result["correctness"] = correctness(device, args.smoke)
+        with _environment("RECRAY_KERNELS_AUTOTUNE", "0"):
+            for kind, params in plan.correctness_cases():
+                if not budget.allows(plan.correctness_seconds(kind, params), f"check {params}"):
+                    break
+                result["correctness"].append(check(kind, params, device))
+                writer.write()
         failed = [c for c in result["correctness"] if not c.get("ok")]
         print(f"correctness: {len(result['correctness']) - len(failed)} ok, {len(failed)} failed")
         for case in failed:
-            print("  FAILED", json.dumps(case))
-    shapes = SMOKE_ATTENTION_SHAPES if args.smoke else ATTENTION_SHAPES
-    sizes = SMOKE_MEMORY_SIZES if args.smoke else MEMORY_SIZES
-    result["attention"] = [
-        row for shape in shapes for row in bench_attention(shape, device, args.warmup, args.reps)
-    ]
-    result["product_key"] = [
-        row for size in sizes for row in bench_memory(size, device, args.warmup, args.reps)
-    ]
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} in {result['seconds']} s")
+            print("  FAILED", json.dumps(_json_safe(case)))
+        _forget_tuning()  # the timing rows autotune afresh, not with the one config above
+    for shape in plan.attention_shapes:
+        if budget.stopped:
+            break
+        for row in bench_attention(shape, device, args.warmup, args.reps, plan, budget):
+            result["attention"].append(row)
+            writer.write()
+    for size in plan.memory_sizes:
+        if budget.stopped or not budget.allows(plan.memory_seconds(size), f"memory {size}"):
+            break
+        for row in bench_memory(size, device, args.warmup, args.reps):
+            result["product_key"].append(row)
+            writer.write()
+    result["status"] = budget.stopped or "complete"
+    writer.write()
+    print(f"wrote {args.out} in {result['seconds']} s ({result['status']})")
+
+
+class Writer:
+    """Rewrites the JSON after every row (atomically: a run killed mid-write keeps the last)."""
+
+    def __init__(self, path: Path, result: dict, started: float) -> None:
+        self.path, self.result, self.started = path, result, started
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self) -> None:
+        self.result["seconds"] = round(time.perf_counter() - self.started, 1)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(_json_safe(self.result), indent=2, allow_nan=False))
+        partial.replace(self.path)
+
+
+def _json_safe(value):
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class Budget:
+    """Refuses work whose estimate would end past `budget_s`; `stopped` says why it stopped."""
+
+    def __init__(self, budget_s: float, started: float) -> None:
+        self.budget_s, self.started, self.stopped = budget_s, started, ""
+
+    def allows(self, seconds: float, what: str) -> bool:
+        elapsed = time.perf_counter() - self.started
+        if not self.stopped and elapsed + seconds > self.budget_s:
+            self.stopped = (
+                f"stopped by --budget-s {self.budget_s:.0f} at {elapsed:.0f} s: next was {what} "
+                f"(estimated {seconds:.0f} s)"
+            )
+            print(self.stopped, flush=True)
+        return not self.stopped
+
+
+class Plan:
+    """What the run will do, and the estimate of each part (see COMPILE_S above)."""
+
+    def __init__(self, smoke: bool, skip_correctness: bool, warmup: int, reps: int) -> None:
+        self.smoke, self.calls = smoke, warmup + reps
+        self.attention_shapes = SMOKE_ATTENTION_SHAPES if smoke else ATTENTION_SHAPES
+        self.memory_sizes = SMOKE_MEMORY_SIZES if smoke else MEMORY_SIZES
+        self.check_dtypes, self.check_dims = SMOKE_CHECK if smoke else (CHECK_DTYPES, CHECK_DIMS)
+        self.skip_correctness = skip_correctness
+        self.compiled: set = set()  # (dtype, dim, mode, kernel) already compiled
+        self.tuned: set = set()  # autotune keys already timed
+
+    def correctness_cases(self) -> list[tuple[str, dict]]:
+        if self.skip_correctness:
+            return []
+        cases = []
+        for dtype in self.check_dtypes:
+            for dim in self.check_dims:
+                for activation, causal in CHECK_FLASH_MODES:
+                    cases.append(("flash", {"dtype": dtype, "dim": dim, "activation": activation,
+                                            "causal": causal}))  # fmt: skip
+                for shared in (False, True):
+                    cases.append(("target", {"dtype": dtype, "dim": dim, "shared": shared}))
+            cases.append(("memory", {"dtype": dtype, "k": 4 if self.smoke else 32}))
+        return cases
+
+    def correctness_seconds(self, kind: str, params: dict) -> float:
+        if kind == "memory":
+            return 2 * self._compile_s(params["dtype"], 64) + 1.0
+        # one query per history compiles like non-causal softmax self-attention
+        mode = (params.get("activation", "softmax"), params.get("causal", False),
+                params.get("shared", False))  # fmt: skip
+        width = 128 if params["dim"] > 64 else 64
+        kernels = ("fwd", "dkdv", "dq")
+        new = {(params["dtype"], width, mode, k, "one config") for k in kernels} - self.compiled
+        self.compiled |= new
+        return len(new) * self._compile_s(params["dtype"], width) + 1.0
+
+    def attention_seconds(self, shape, activation: str, causal: bool, direction: str) -> float:
+        """Compiles and autotuning this row triggers, plus its timed calls."""
+        import triton
+
+        batch, heads, max_len, dim, density = shape
+        longest = max(1, min(max_len, round(2 * density * max_len)))
+        kernels = ("fwd",) if direction == "fwd" else ("dkdv", "dq")
+        seconds = 0.0
+        for kernel in kernels:
+            configs = self.configs(kernel, dim)
+            compile_key = ("bfloat16", dim, (activation, causal, False), kernel)
+            if compile_key not in self.compiled:
+                self.compiled.add(compile_key)
+                seconds += configs * self._compile_s("bfloat16", dim)
+            tune_key = (compile_key, triton.next_power_of_2(longest))
+            if tune_key not in self.tuned and not self.smoke:
+                self.tuned.add(tune_key)
+                seconds += configs * TUNE_S_PER_CONFIG
+        mean_square = longest**2 / 3  # lengths ~ uniform in [1, longest]
+        useful = 4 * batch * mean_square * heads * dim / (2 if causal else 1)
+        padded = 4 * batch * longest**2 * heads * dim
+        if direction == "fwd+bwd":
+            useful, padded = 3.5 * useful, 3.5 * padded
+        methods = [useful, useful] + ([padded] if activation == "silu" else [useful] + 3 * [padded])
+        per_call = sum(f / (ESTIMATE_TFLOPS * 1e12) + CALL_OVERHEAD_S for f in methods)
+        return seconds + self.calls * per_call + 0.5
+
+    def memory_seconds(self, size) -> float:
+        batch, num_keys, dim, k, value_dim = size
+        scores = 2 * batch * num_keys**2 * dim  # the naive baseline scores every slot
+        return 2 * self.calls * 3 * (scores / (ESTIMATE_TFLOPS * 1e12) + CALL_OVERHEAD_S) + 2.0
+
+    def configs(self, kernel: str, dim: int) -> int:
+        """Autotune configs the prune keeps for bf16 at `dim` (1 under the interpreter)."""
+        import torch
+
+        from recray.kernels.triton import common, flash_attention
+
+        autotuner = {"fwd": flash_attention._fwd_kernel, "dkdv": flash_attention._bwd_dkdv_kernel,
+                     "dq": flash_attention._bwd_dq_kernel}[kernel]  # fmt: skip
+        block = common.block_size(dim)
+        args = {"Q": torch.empty(0, dtype=torch.bfloat16), "BLOCK_D": block, "BLOCK_DV": block}
+        return len(common.prune_configs(autotuner.configs, args, kernel=kernel))
+
+    def _compile_s(self, dtype: str, dim: int) -> float:
+        return 0.0 if self.smoke else COMPILE_S[(dtype, 128 if dim > 64 else 64)]
+
+    def estimate(self) -> dict:
+        """Seconds per phase for the whole plan, from a fresh copy (this one stays unspent)."""
+        fresh = Plan(self.smoke, self.skip_correctness, 0, self.calls)
+        correctness = sum(fresh.correctness_seconds(*case) for case in fresh.correctness_cases())
+        attention = sum(
+            fresh.attention_seconds(shape, activation, causal, direction)
+            for shape in fresh.attention_shapes
+            for activation, causal in MODES
+            for direction in ("fwd", "fwd+bwd")
+        )
+        memory = sum(fresh.memory_seconds(size) for size in fresh.memory_sizes)
+        phases = {"startup": 0.0 if self.smoke else STARTUP_S, "correctness": correctness,
+                  "attention": attention, "product_key": memory}  # fmt: skip
+        return {
+            **{k: round(v, 1) for k, v in phases.items()},
+            "total": round(sum(phases.values()), 1),
+        }
+
+
+def _estimate_lines(estimate: dict, budget_s: float) -> str:
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in estimate.items() if k != "total")
+    fits = "within" if estimate["total"] <= budget_s else "OVER"
+    return (
+        f"estimated run time {estimate['total']:.0f} s ({estimate['total'] / 60:.1f} min; "
+        f"{parts}), {fits} --budget-s {budget_s:.0f}"
+    )
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def _forget_tuning() -> None:
+    """Drop the autotuners' choices (not the compiled kernels) made with one config each."""
+    if os.environ.get("RECRAY_KERNELS") == "reference":
+        return
+    from recray.kernels.triton import flash_attention
+
+    for kernel in (flash_attention._fwd_kernel, flash_attention._bwd_dkdv_kernel,
+                   flash_attention._bwd_dq_kernel):  # fmt: skip
+        kernel.cache.clear()
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -313,41 +545,46 @@ def _varlen_attn():
     return call
 
 
-def bench_attention(shape, device, warmup, reps) -> list[dict]:
+def bench_attention(shape, device, warmup, reps, plan: Plan, budget: Budget):
+    """Rows (one per mode and direction) as they are measured; stops where the budget says."""
     import torch
 
     batch, heads, max_len, dim, density = shape
     q, k, v, offsets, lengths = jagged_batch(*shape, device, torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     sum_squares = int((lengths.long() ** 2).sum())
-    rows = []
-    for activation, causals in MODES.items():
-        for causal in causals:
-            base = {
-                "batch": batch, "heads": heads, "max_len": max_len, "head_dim": dim,
-                "density": density, "tokens": int(lengths.sum()),
-                "longest": int(lengths.max()), "activation": activation, "causal": causal,
-            }  # fmt: skip
-            forward_flops = 4 * sum_squares * heads * dim / (2 if causal else 1)
-            methods = attention_methods(q, k, v, offsets, lengths, max_len, causal, activation)
-            for direction, flops in (("fwd", forward_flops), ("fwd+bwd", 3.5 * forward_flops)):
-                measured = {}
-                for name, (fn, leaves, note) in methods.items():
-                    if fn is None:
-                        measured[name] = {"error": note}
-                        continue
-                    if direction == "fwd":
-                        with torch.no_grad():
-                            row = measure(fn, device, warmup, reps)
-                    else:
-                        row = measure(forward_backward(fn, leaves), device, warmup, reps)
-                    measured[name] = {**row, "note": note}
-                summarise(measured, flops)
-                rows.append({**base, "direction": direction, "methods": measured})
-                print(_line(rows[-1]), flush=True)
-            del methods
-            gc.collect()
-    return rows
+    for activation, causal in MODES:
+        base = {
+            "batch": batch, "heads": heads, "max_len": max_len, "head_dim": dim,
+            "density": density, "tokens": int(lengths.sum()),
+            "longest": int(lengths.max()), "activation": activation, "causal": causal,
+        }  # fmt: skip
+        forward_flops = 4 * sum_squares * heads * dim / (2 if causal else 1)
+        methods = attention_methods(q, k, v, offsets, lengths, max_len, causal, activation)
+        for direction, flops in (("fwd", forward_flops), ("fwd+bwd", 3.5 * forward_flops)):
+            estimate = plan.attention_seconds(shape, activation, causal, direction)
+            if not budget.allows(estimate, f"{shape} {activation} causal={causal} {direction}"):
+                return
+            begun = time.perf_counter()
+            measured = {}
+            for name, (fn, leaves, note) in methods.items():
+                if fn is None:
+                    measured[name] = {"error": note}
+                    continue
+                if direction == "fwd":
+                    with torch.no_grad():
+                        row = measure(fn, device, warmup, reps)
+                else:
+                    row = measure(forward_backward(fn, leaves), device, warmup, reps)
+                measured[name] = {**row, "note": note}
+            summarise(measured, flops)
+            seconds = {"seconds": round(time.perf_counter() - begun, 1),
+                       "estimated_seconds": round(estimate, 1)}  # fmt: skip
+            row = {**base, "direction": direction, **seconds, "methods": measured}
+            print(_line(row), flush=True)
+            yield row
+        del methods
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- product keys
@@ -421,28 +658,26 @@ def _line(row: dict) -> str:
 # ----------------------------------------------------------------------------- correctness
 
 
-def correctness(device, smoke: bool) -> list[dict]:
-    """Triton vs the float32 reference on small shapes: forward and every gradient.
+def check(kind: str, params: dict, device) -> dict:
+    """Triton vs the float32 reference on a small jagged batch: forward and every gradient.
 
-    The CPU test suite can only run the kernels under the interpreter; this is where they meet
-    real hardware (tensor-core precision, autotuned block sizes, the atomics).
+    The CPU test suite runs the kernels only under the interpreter (and compiles them for
+    sm_90 without running them); here they meet real hardware: tensor-core precision, the
+    compiled block sizes, the atomics.
     """
     import torch
 
-    dtypes = [torch.float32] if smoke else [torch.float32, torch.bfloat16, torch.float16]
-    dims = [24] if smoke else [16, 24, 64, 128]
-    lengths = [5, 0, 17, 1, 70] if smoke else [5, 0, 17, 200, 1, 64, 129, 0, 33]
-    cases = []
-    for dtype in dtypes:
-        for dim in dims:
-            for activation, causals in MODES.items():
-                for causal in causals:
-                    cases.append(_check_flash(device, dtype, dim, lengths, causal, activation))
-            for shared in (False, True):
-                cases.append(_check_target(device, dtype, dim, lengths, shared))
-        for k in [1, 4] if smoke else [1, 5, 32]:
-            cases.append(_check_memory(device, dtype, k, smoke))
-    return cases
+    dtype = getattr(torch, params["dtype"])
+    lengths = [5, 0, 17, 200, 1, 64, 129, 0, 33]
+    if kind == "flash":
+        case = _check_flash(device, dtype, params["dim"], lengths, params["causal"],
+                            params["activation"])  # fmt: skip
+    elif kind == "target":
+        case = _check_target(device, dtype, params["dim"], lengths, params["shared"])
+    else:
+        case = _check_memory(device, dtype, params["k"], smoke=params["k"] < 32)
+    print(("ok     " if case["ok"] else "FAILED ") + json.dumps(_json_safe(case))[:300], flush=True)
+    return case
 
 
 def _compare(name: str, params: dict, run: Callable, inputs: list, dtype) -> dict:
@@ -474,19 +709,6 @@ def _relative(got, want) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-3))
 
 
-@contextlib.contextmanager
-def _backend(name: str):
-    previous = os.environ.get("RECRAY_KERNELS")
-    os.environ["RECRAY_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["RECRAY_KERNELS"]
-        else:
-            os.environ["RECRAY_KERNELS"] = previous
-
-
 def _check_flash(device, dtype, dim, lengths, causal, activation) -> dict:
     import torch
 
@@ -498,7 +720,7 @@ def _check_flash(device, dtype, dim, lengths, causal, activation) -> dict:
     max_len = max(lengths) + 7
 
     def run(tensors, backend):
-        with _backend(backend):
+        with _environment("RECRAY_KERNELS", backend):
             return jagged_flash_attention(
                 *tensors, offsets, max_len, causal=causal, activation=activation
             )
@@ -528,7 +750,7 @@ def _check_target(device, dtype, dim, lengths, shared) -> dict:
     ]
 
     def run(tensors, backend):
-        with _backend(backend):
+        with _environment("RECRAY_KERNELS", backend):
             return jagged_target_attention(*tensors, offsets, query_to_seq=query_to_seq)
 
     return _compare("jagged_target_attention", {"dim": dim, "shared": shared}, run, inputs, dtype)
@@ -545,7 +767,7 @@ def _check_memory(device, dtype, k, smoke) -> dict:
     inputs = [torch.randn(*s, generator=gen).to(device) for s in shapes]
 
     def run(tensors, backend):
-        with _backend(backend):
+        with _environment("RECRAY_KERNELS", backend):
             return product_key_topk(*tensors, k)
 
     return _compare("product_key_topk", {"k": k}, run, inputs, dtype)

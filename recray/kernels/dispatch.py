@@ -26,13 +26,21 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if backend == "reference" or tensor.dtype not in TRITON_DTYPES:
         return False
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _triton_interpreter_on():
             raise RuntimeError(
                 f"RECRAY_KERNELS=triton with {device.type} tensors needs TRITON_INTERPRET=1 set "
                 "before triton is imported (the interpreter runs kernels on CPU tensors)"
             )
         return True
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreter_on() -> bool:
+    """Whether triton runs kernels in its interpreter, by triton's own reading of
+    `TRITON_INTERPRET` (1, true, yes, on, y in any case), so that the two always agree."""
+    from triton import knobs
+
+    return knobs.runtime.interpret
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

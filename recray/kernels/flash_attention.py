@@ -30,15 +30,19 @@ def jagged_flash_attention(
     own sequence. `scale=None` means 1/sqrt(D). Returns `[T, H, Dv]` in q's dtype.
     CUDA tensors run the Triton kernel, CPU tensors the reference.
     """
-    _check_inputs(q, k, v, offsets, max_seq_len, causal, activation)
+    longest = _check_inputs(q, k, v, offsets, max_seq_len, causal, activation)
     if use_triton(q):
         # Imported here so that `import recray.kernels` works where triton is absent.
         from recray.kernels.triton import flash_attention as triton_flash_attention
 
-        impl = triton_flash_attention.jagged_flash_attention
-    else:
-        impl = reference.jagged_flash_attention
-    return impl(q, k, v, offsets, max_seq_len, causal=causal, activation=activation, scale=scale)
+        # The check measured the longest sequence already: the kernel grid is sized by it.
+        return triton_flash_attention.jagged_flash_attention(
+            q, k, v, offsets, max_seq_len, causal=causal, activation=activation, scale=scale,
+            longest=longest,
+        )  # fmt: skip
+    return reference.jagged_flash_attention(
+        q, k, v, offsets, max_seq_len, causal=causal, activation=activation, scale=scale
+    )
 
 
 def _check_inputs(
@@ -49,7 +53,8 @@ def _check_inputs(
     max_seq_len: int,
     causal: bool,
     activation: str,
-) -> None:
+) -> int:
+    """Raise on bad input; return the longest sequence length."""
     for name, t, shape in (("q", q, "[T, H, D]"), ("k", k, "[T, H, D]"), ("v", v, "[T, H, Dv]")):
         if t.dim() != 3:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -77,3 +82,4 @@ def _check_inputs(
             f"max_seq_len: expected at least the longest sequence length {longest}, "
             f"got {max_seq_len}"
         )
+    return longest

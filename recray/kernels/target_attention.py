@@ -25,15 +25,18 @@ def jagged_target_attention(
     Returns `[Bq, H, Dv]` in q's dtype. CUDA tensors run the Triton kernel, CPU tensors the
     reference (see `recray.kernels.dispatch.use_triton`).
     """
-    _check_inputs(q, k, v, offsets, query_to_seq)
+    longest = _check_inputs(q, k, v, offsets, query_to_seq)
     if use_triton(q):
         # Imported here so that `import recray.kernels` works where triton is absent.
         from recray.kernels.triton import target_attention as triton_target_attention
 
-        impl = triton_target_attention.jagged_target_attention
-    else:
-        impl = reference.jagged_target_attention
-    return impl(q, k, v, offsets, scale=scale, query_to_seq=query_to_seq)
+        # The check measured the longest history already: the kernel grid is sized by it.
+        return triton_target_attention.jagged_target_attention(
+            q, k, v, offsets, scale=scale, query_to_seq=query_to_seq, longest=longest
+        )
+    return reference.jagged_target_attention(
+        q, k, v, offsets, scale=scale, query_to_seq=query_to_seq
+    )
 
 
 def _check_inputs(
@@ -42,7 +45,8 @@ def _check_inputs(
     v: torch.Tensor,
     offsets: torch.Tensor,
     query_to_seq: torch.Tensor | None,
-) -> None:
+) -> int:
+    """Raise on bad input; return the longest history length."""
     for name, t, shape in (("q", q, "[Bq, H, D]"), ("k", k, "[T, H, D]"), ("v", v, "[T, H, Dv]")):
         if t.dim() != 3:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -59,7 +63,7 @@ def _check_inputs(
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v: expected {k.shape[0]} tokens like k, got {v.shape[0]}")
     check_same_device(q=q, k=k, v=v, offsets=offsets)
-    check_offsets(offsets, k.shape[0], "k")
+    longest = check_offsets(offsets, k.shape[0], "k")
     num_seqs = offsets.numel() - 1
     if query_to_seq is None:
         if q.shape[0] != num_seqs:
@@ -67,7 +71,7 @@ def _check_inputs(
                 f"q: expected {num_seqs} queries (one per sequence in offsets), got {q.shape[0]}; "
                 "pass query_to_seq to share sequences between queries"
             )
-        return
+        return longest
     if query_to_seq.dtype not in (torch.int32, torch.int64) or query_to_seq.dim() != 1:
         raise ValueError(
             f"query_to_seq: expected a 1-D int64 tensor, got {query_to_seq.dtype} of shape "
@@ -79,9 +83,10 @@ def _check_inputs(
         )
     check_same_device(q=q, query_to_seq=query_to_seq)
     if not query_to_seq.numel():
-        return
+        return longest
     lowest, highest = torch.stack(query_to_seq.aminmax()).tolist()
     if lowest < 0 or highest >= num_seqs:
         raise ValueError(
             f"query_to_seq: expected indices in [0, {num_seqs}), got values in [{lowest}, {highest}]"
         )
+    return longest

@@ -7,10 +7,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 # Read when this module is imported, which is when the kernels below are decorated: triton
-# itself decides interpreter or GPU at decoration time too.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# itself decides interpreter or GPU at decoration time too, with this same knob (any of 1, true,
+# yes, on, y), so the two can never disagree.
+INTERPRET = knobs.runtime.interpret
+# Hopper's per-block shared memory (227 KB); a config the estimate puts above it is never compiled.
+SHARED_MEMORY_BYTES = 227 * 1024
+# 255 usable 32-bit registers per thread (less the indices and pointers the tiles need).
+REGISTER_BYTES = 256 * 4
 
 # triton 3.7's interpreter multiplies bfloat16 tiles as their raw uint16 bits, so under it
 # every tl.dot operand is widened to float32 first (exact: a bf16/fp16 product fits in fp32,
@@ -56,3 +62,66 @@ def configs(
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
     ]
+
+
+def attention_shared_bytes(kernel: str, config: triton.Config, args: dict) -> int:
+    """Upper estimate of the shared memory (bytes) an attention kernel asks for under `config`.
+
+    The loop streams blocks of key rows (`kernel` fwd, dq) or query rows (dkdv), each as wide as
+    BLOCK_D + BLOCK_DV, through `num_stages` buffers (plus the float32 log-sum-exp and delta of
+    streamed query rows); the block that stays put is staged once. Checked against the
+    compiler's own figure for sm_90 in tests/test_kernels_compile.py.
+    """
+    element = args["Q"].element_size()
+    width = args["BLOCK_D"] + args["BLOCK_DV"]
+    stationary, streamed = _rows(kernel, config)
+    return config.num_stages * streamed * (width * element + 8) + stationary * width * element
+
+
+def attention_register_bytes(kernel: str, config: triton.Config, args: dict) -> int:
+    """Estimate of the register bytes per thread: the tiles that stay put, their float32
+    accumulators, one streamed tile and the float32 [BLOCK_M, BLOCK_N] score temporaries
+    (two in the forward, four in the backward), spread over the block's threads."""
+    element = args["Q"].element_size()
+    dim, value_dim = args["BLOCK_D"], args["BLOCK_DV"]
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    stationary, streamed = _rows(kernel, config)
+    kept = {
+        "fwd": dim * element + value_dim * 4,  # q; the output accumulator
+        "dq": (dim + value_dim) * element + dim * 4,  # q, dO; dQ
+        "dkdv": (dim + value_dim) * (element + 4),  # k, v; dK, dV
+    }[kernel]
+    scores = (2 if kernel == "fwd" else 4) * block_m * block_n * 4
+    total = stationary * kept + streamed * (dim + value_dim) * element + scores
+    return total // (config.num_warps * 32)
+
+
+def _rows(kernel: str, config: triton.Config) -> tuple[int, int]:
+    """(rows that stay put, rows streamed by the loop) of an attention kernel's blocks."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (block_n, block_m) if kernel == "dkdv" else (block_m, block_n)
+
+
+def prune_configs(
+    configs: list[triton.Config], named_args: dict, kernel: str, **kwargs
+) -> list[triton.Config]:
+    """Autotune `early_config_prune`: drop configs over Hopper's shared memory (they fail only
+    after seconds of compiling) or whose tiles would not fit 255 registers per thread (ptxas
+    spills them to local memory). Keeps the smallest config if none fits, so a launch still
+    runs or fails with the compiler's own error. `RECRAY_KERNELS_AUTOTUNE=0` keeps only the
+    smallest fitting config: one compile per kernel and shape class instead of a sweep (a
+    correctness run, a first run on a new GPU)."""
+    args = {**named_args, **kwargs}
+    fits = [
+        c for c in configs
+        if attention_shared_bytes(kernel, c, args) <= SHARED_MEMORY_BYTES
+        and attention_register_bytes(kernel, c, args) < REGISTER_BYTES
+    ]  # fmt: skip
+    smallest = min(fits or configs, key=lambda c: attention_register_bytes(kernel, c, args))
+    return fits if fits and autotune_on() else [smallest]
+
+
+def autotune_on() -> bool:
+    """`RECRAY_KERNELS_AUTOTUNE` (default on); 0, false, no or off turn the sweep off."""
+    value = os.environ.get("RECRAY_KERNELS_AUTOTUNE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")

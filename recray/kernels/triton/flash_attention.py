@@ -2,7 +2,8 @@
 
 One kernel family serves both public attention ops. A program owns one (sequence, head) and a
 block of that sequence's queries (forward, dQ) or keys (dK/dV), so nothing is padded and no
-[B, N, N] tensor exists. Queries of sequence b are slots `q_offsets[b] .. q_offsets[b+1]-1`:
+[B, N, N] tensor exists. The grid is one axis of (sequence, head, block) triples sized by the
+longest real sequence (grid axis 1 would stop at 65,535 blocks). Queries of sequence b are slots `q_offsets[b] .. q_offsets[b+1]-1`:
 for self-attention they are the sequence's own tokens; for target attention `q_index` maps a
 slot to a query row, so many candidates share one history without copying it. The backward
 recomputes the attention from the stored log-sum-exp and needs no atomics: dK/dV programs loop
@@ -11,6 +12,7 @@ over queries, dQ programs over keys.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,9 +25,14 @@ from recray.kernels.triton.common import (
     dot_precision,
     length_bucket,
     matmul,
+    prune_configs,
 )
 
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the fast hardware path
+# exp(x) = exp2(x * log2(e)); exp2 is the fast hardware path. A constexpr: @triton.jit code may
+# read no other kind of global (the GPU compiler refuses it; the interpreter does not check).
+_LOG2E = tl.constexpr(1.4426950408889634)
+# Grid axis 0 holds at most 2^31 - 1 programs.
+_MAX_PROGRAMS = 2**31 - 1
 
 _FWD_CONFIGS = configs(
     [
@@ -60,6 +67,11 @@ _TUNE_KEY = [
 ]
 
 
+def _prune(kernel: str) -> dict:
+    """Autotune pruning for `kernel` (fwd, dkdv, dq): see `common.prune_configs`."""
+    return {"early_config_prune": functools.partial(prune_configs, kernel=kernel)}
+
+
 @triton.jit
 def _query_rows(q_index, q_start, offs_m, m_valid, GATHER_Q: tl.constexpr):
     """Row of q/o/lse for each query slot of the block (int64: rows * strides may pass 2^31)."""
@@ -71,22 +83,29 @@ def _query_rows(q_index, q_start, offs_m, m_valid, GATHER_Q: tl.constexpr):
     return rows
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _program(num_heads, length, BLOCK: tl.constexpr):
+    """(sequence, head, first position) of this program's block along a sequence: axis 0 runs
+    over (sequence, head) pairs, each split in cdiv(length, BLOCK) blocks."""
+    blocks = tl.cdiv(length, BLOCK)
+    pair = tl.program_id(0) // blocks
+    return pair // num_heads, pair % num_heads, (tl.program_id(0) % blocks) * BLOCK
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("fwd"))
 @triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE,
     q_offsets, k_offsets, q_index,
-    num_heads, head_dim, value_dim, scale, silu_norm,
+    num_heads, head_dim, value_dim, scale, silu_norm, max_q, max_k,
     q_len_bucket, k_len_bucket,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
     GATHER_Q: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
+    seq, head, start_m = _program(num_heads, max_q, BLOCK_M)
     q_start = tl.load(q_offsets + seq)
     num_q = (tl.load(q_offsets + seq + 1) - q_start).to(tl.int32)
-    start_m = tl.program_id(1) * BLOCK_M
     if start_m >= num_q:
         return
     k_start = tl.load(k_offsets + seq).to(tl.int64)
@@ -175,22 +194,20 @@ def _delta_kernel(
     tl.store(DELTA + offs_r, tl.sum(o * do, 1), mask=offs_r < num_rows)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     q_offsets, k_offsets, q_index,
-    num_heads, head_dim, value_dim, scale, silu_norm,
+    num_heads, head_dim, value_dim, scale, silu_norm, max_q, max_k,
     q_len_bucket, k_len_bucket,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
     GATHER_Q: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
+    seq, head, start_n = _program(num_heads, max_k, BLOCK_N)
     k_start = tl.load(k_offsets + seq).to(tl.int64)
     seq_len = (tl.load(k_offsets + seq + 1) - k_start).to(tl.int32)
-    start_n = tl.program_id(1) * BLOCK_N
     if start_n >= seq_len:
         return
     q_start = tl.load(q_offsets + seq)
@@ -264,22 +281,20 @@ def _bwd_dkdv_kernel(
     )
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("dq"))
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     q_offsets, k_offsets, q_index,
-    num_heads, head_dim, value_dim, scale, silu_norm,
+    num_heads, head_dim, value_dim, scale, silu_norm, max_q, max_k,
     q_len_bucket, k_len_bucket,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
     GATHER_Q: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
+    seq, head, start_m = _program(num_heads, max_q, BLOCK_M)
     q_start = tl.load(q_offsets + seq)
     num_q = (tl.load(q_offsets + seq + 1) - q_start).to(tl.int32)
-    start_m = tl.program_id(1) * BLOCK_M
     if start_m >= num_q:
         return
     k_start = tl.load(k_offsets + seq).to(tl.int64)
@@ -372,7 +387,7 @@ class _JaggedAttention(torch.autograd.Function):
         lse = torch.empty(num_queries, heads, dtype=torch.float32, device=q.device)
         args = (
             q_offsets, k_offsets, q_offsets if q_index is None else q_index,
-            heads, q.shape[2], v.shape[2], scale, silu_norm,
+            heads, q.shape[2], v.shape[2], scale, silu_norm, max_q, max_k,
             length_bucket(max_q), length_bucket(max_k),
         )  # fmt: skip
         meta = {
@@ -385,6 +400,7 @@ class _JaggedAttention(torch.autograd.Function):
         }
         ctx.launch = (num_programs, max_q, max_k, silu, args, meta)
         ctx.empty = num_queries == 0 or num_programs == 0 or max_q == 0
+        _check_grid(num_programs, max(max_q, max_k))
         if ctx.empty:
             out.zero_()
         else:
@@ -423,8 +439,19 @@ class _JaggedAttention(torch.autograd.Function):
 
 
 def _grid(num_programs: int, block: str, length: int):
-    """Axis 0: (sequence, head) pairs, which may pass 65535; axis 1: blocks along `length`."""
-    return lambda meta: (num_programs, triton.cdiv(length, meta[block]))
+    """One axis of (sequence, head) pairs x blocks along `length` (see `_program`)."""
+    return lambda meta: (num_programs * triton.cdiv(length, meta[block]),)
+
+
+def _check_grid(num_programs: int, length: int) -> None:
+    """The grid at the smallest block (16) must fit axis 0, or the launch fails on the GPU."""
+    needed = num_programs * triton.cdiv(length, 16)
+    if needed > _MAX_PROGRAMS:
+        raise ValueError(
+            f"q: {num_programs} (sequence, head) pairs x {triton.cdiv(length, 16)} blocks of the "
+            f"longest sequence ({length} tokens) need {needed} programs; at most {_MAX_PROGRAMS} "
+            "fit one launch: split the batch"
+        )
 
 
 def attention(
@@ -460,10 +487,16 @@ def jagged_flash_attention(
     causal: bool = False,
     activation: str = "softmax",
     scale: float | None = None,
+    longest: int | None = None,
 ) -> torch.Tensor:
-    """Triton twin of `recray.kernels.reference.jagged_flash_attention` (inputs unchecked)."""
-    # No sequence is longer than the batch: a generous max_seq_len must not inflate the grid.
-    longest = min(max_seq_len, q.shape[0])
+    """Triton twin of `recray.kernels.reference.jagged_flash_attention` (inputs unchecked).
+
+    The grid is sized by `longest`, the longest real sequence (the public op passes the one
+    its input check measured; None measures it, one host sync): a generous `max_seq_len`
+    stays only the SiLU normaliser and never launches programs that exit at once.
+    """
+    if longest is None:
+        longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
     return attention(
         q, k, v, offsets, offsets, None, longest, longest,
         causal=causal, silu=activation == "silu", scale=scale,

@@ -16,14 +16,17 @@ def jagged_target_attention(
     *,
     scale: float | None = None,
     query_to_seq: torch.Tensor | None = None,
+    longest: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of `recray.kernels.reference.jagged_target_attention` (inputs unchecked).
 
     Candidates are sorted by history (a stable argsort, no copy of q) so that each kernel
     program scores a block of one history's candidates against that history read once.
+    `longest` is the longest history (None measures it, one host sync); it sizes the grid.
     """
     num_seqs = offsets.numel() - 1
-    max_k = int((offsets[1:] - offsets[:-1]).max()) if num_seqs else 0
+    if longest is None:
+        longest = int((offsets[1:] - offsets[:-1]).max()) if num_seqs else 0
     if query_to_seq is None:
         query_offsets = torch.arange(num_seqs + 1, device=q.device)
         query_index, max_q = None, 1
@@ -33,6 +36,6 @@ def jagged_target_attention(
         query_index = torch.argsort(query_to_seq, stable=True)
         max_q = int(counts.max()) if num_seqs else 0
     return attention(
-        q, k, v, query_offsets, offsets, query_index, max_q, max_k,
+        q, k, v, query_offsets, offsets, query_index, max_q, longest,
         causal=False, silu=False, scale=scale,
     )  # fmt: skip
