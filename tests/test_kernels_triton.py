@@ -7,9 +7,15 @@ each program in Python.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +143,50 @@ def test_flash_attention_random_jagged_batches():
         _check_against_reference(run, (q, k, v), torch.float32, gen)
 
 
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_grid_follows_the_longest_sequence_not_max_seq_len(monkeypatch, activation):
+    from recray.kernels.triton import flash_attention as triton_flash_attention
+
+    programs = []
+    make_grid = triton_flash_attention._grid
+
+    def recording_grid(*args):
+        grid = make_grid(*args)
+
+        def sized(meta):
+            dims = grid(meta)
+            programs.append(math.prod(dims))
+            return dims
+
+        return sized
+
+    monkeypatch.setattr(triton_flash_attention, "_grid", recording_grid)
+    gen = torch.Generator().manual_seed(8)
+    lengths, heads = [2] * 20 + [5], 2  # 45 tokens, none longer than 5
+    q, k, v = (_randn(sum(lengths), heads, 16, dtype=torch.float32, gen=gen) for _ in range(3))
+    offsets = _offsets(lengths)
+
+    def run(q, k, v):
+        # max_seq_len 1000 stays SiLU's normaliser (1/1000) while the grid follows 5 tokens
+        return jagged_flash_attention(q, k, v, offsets, 1000, causal=True, activation=activation)
+
+    _check_against_reference(run, (q, k, v), torch.float32, gen)
+    one_block_each = len(lengths) * heads  # interpreter blocks are 16 wide: ceil(5 / 16) = 1
+    assert programs and set(programs) == {one_block_each}
+
+
+def test_grid_stays_inside_cuda_limits_for_a_million_candidates_on_one_history():
+    from recray.kernels.triton import flash_attention as triton_flash_attention
+
+    # CUDA allows 2^31 - 1 blocks on grid axis 0 and 65,535 on axes 1 and 2
+    for pairs, length, block in [(1, 2_000_000, 16), (400_000, 4096, 16), (8, 40, 64)]:
+        dims = triton_flash_attention._grid(pairs, "BLOCK_M", length)({"BLOCK_M": block})
+        assert dims[0] <= 2**31 - 1 and all(d <= 65_535 for d in dims[1:]), dims
+        assert math.prod(dims) == pairs * -(-length // block)  # every block gets a program
+    with pytest.raises(ValueError, match="split the batch"):
+        triton_flash_attention._check_grid(2**20, 2**20)
+
+
 def test_flash_attention_empty_batch():
     q, k, v = (torch.zeros(0, 2, 16, requires_grad=True) for _ in range(3))
     out = jagged_flash_attention(q, k, v, torch.zeros(1, dtype=torch.long), 0)
@@ -255,3 +305,78 @@ def test_kernels_import_without_triton_ray_or_torchrec():
     )
     env = {**os.environ, "RECRAY_KERNELS": "auto"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
+def test_any_truthy_triton_interpret_runs_the_interpreter_on_cpu():
+    # triton reads TRITON_INTERPRET as true for 1, true, yes, on, y; recray must agree, or it
+    # refuses CPU tensors and multiplies bf16 tiles as integers (see common._DOT_IN_FP32)
+    script = (
+        "import torch\n"
+        "from recray.kernels import jagged_flash_attention, reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(7, 2, 16, generator=g).bfloat16() for _ in range(3))\n"
+        "offsets = torch.tensor([0, 3, 7])\n"
+        "got = jagged_flash_attention(q, k, v, offsets, 4).float()\n"
+        "want = reference.jagged_flash_attention(q.float(), k.float(), v.float(), offsets, 4)\n"
+        "assert ((got - want).norm() / want.norm()) < 3e-2, (got - want).norm() / want.norm()\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "true", "RECRAY_KERNELS": "triton"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = ROOT / "benchmarks" / "kernels.py"
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_benchmark_dry_run_fits_an_eight_minute_lease_importing_only_recray_kernels():
+    # As on the GPU machine: from the checkout with PYTHONPATH=., the GPU plan (no interpreter)
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(BENCHMARK)!r}, '--dry-run']\n"
+        f"runpy.run_path({str(BENCHMARK)!r}, run_name='__main__')\n"
+        "print('modules', sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('recray', 'ray', 'torchrec')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = "."
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300, check=True,
+    )  # fmt: skip
+    seconds = float(re.search(r"estimated run time (\d+) s", done.stdout).group(1))
+    assert 60 < seconds <= 8 * 60 - 20  # 20 s for python, torch and CUDA to start
+    modules = eval(done.stdout.split("modules", 1)[1])
+    assert modules and all(m == "recray" or m.startswith("recray.kernels") for m in modules)
+
+
+def test_benchmark_budget_stops_cleanly_with_strict_json(tmp_path):
+    out = tmp_path / "kernels.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARK), "--device", "cpu", "--smoke", "--budget-s", "0",
+         "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": "."}, check=True, timeout=300,
+        capture_output=True,
+    )  # fmt: skip
+    result = _strict_json(out.read_text())
+    assert result["status"].startswith("stopped by --budget-s 0")
+    assert result["correctness"] == [] and result["attention"] == []
+
+
+def test_benchmark_writes_nan_and_infinity_as_null(tmp_path):
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "kernels.json"
+    result = {"rows": [{"ms": float("nan"), "tflops": float("inf")}], "speedup": 1.5}
+    benchmark.Writer(out, result, time.perf_counter()).write()
+    written = _strict_json(out.read_text())
+    assert written["rows"] == [{"ms": None, "tflops": None}] and written["speedup"] == 1.5
