@@ -8,12 +8,16 @@ from types import ModuleType
 
 
 def run_job(job: ModuleType, args: argparse.Namespace) -> int:
-    """Run a parsed job; a bad input (ValueError: ConfigError, SchemaError) exits 2 with its message."""
+    """Run a parsed job; a bad input (ValueError: ConfigError, SchemaError) exits 2 with its message,
+    a diverged training run (FloatingPointError: TrainingDiverged) 1."""
     try:
         return job.run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main_for(job: ModuleType, argv: list[str] | None = None) -> int:

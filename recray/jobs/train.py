@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_opt", help="same as the positional CONFIG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.epochs=3")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue RUN (a folder under storage_path, or its path) from its "
+                             "last checkpoint; without it every run starts in a new folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     path = args.config_opt or args.config
     if not path:
         raise ConfigError("give a config file: recray train CONFIG")
-    cfg = load_train_config(path, parse_overrides(args.set))
+    overrides = parse_overrides(args.set) | ({"resume": args.resume} if args.resume else {})
+    cfg = load_train_config(path, overrides)
     result = fit(cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0

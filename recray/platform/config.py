@@ -32,7 +32,14 @@ class OptimSection(_Strict):
     epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=1024, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
-    shuffle_buffer_rows: int = Field(default=0, ge=0, description="Ray Data local shuffle; 0 = off")
+    shuffle: bool = Field(
+        default=True,
+        description="shuffle the train split: a seeded block order per run plus a seeded local "
+        "buffer of shuffle_buffer_rows drawn anew each epoch; false reads it in file order",
+    )
+    shuffle_buffer_rows: int = Field(
+        default=100_000, ge=0, description="rows Ray Data's local shuffle mixes; 0 = block order only"
+    )
     prefetch_batches: int = Field(default=4, ge=0, description="batches Ray Data prepares ahead")
     global_batches: bool = Field(
         default=False,
@@ -42,6 +49,11 @@ class OptimSection(_Strict):
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    stop_on_nonfinite_loss: bool = Field(
+        default=True,
+        description="stop the run with an error at the end of an epoch whose loss curve holds a "
+        "NaN or inf; false keeps training and reports the NaN",
+    )
 
 
 class ScalingSection(_Strict):
@@ -62,8 +74,14 @@ class ShardingSection(_Strict):
     enabled: bool = False
     default_type: ShardingType = "auto"
     tables: dict[str, ShardingType] = Field(default_factory=dict, description="per-table type")
-    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
-    embedding_lr: float | None = Field(default=None, gt=0, description="default: train.lr")
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] | None = Field(
+        default=None,
+        description="fused optimizer of the embedding tables; default: train.optimizer, as in an "
+        "unsharded run, except Adam on CPU (no fused CPU kernel): adagrad, and the plan says so",
+    )
+    embedding_lr: float | None = Field(
+        default=None, gt=0, description="default: train.lr (train.lr / workers for sgd)"
+    )
     device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
@@ -79,7 +97,7 @@ class ShardingSection(_Strict):
                     f"{where}: {kind!r} is refused by TorchRec on CPU (its CPU sharders offer "
                     f"{', '.join(CPU_SHARDING_TYPES)}); use one of those, or device: cuda"
                 )
-        if self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+        if self.embedding_optimizer not in (None, *CPU_EMBEDDING_OPTIMIZERS):
             raise ValueError(
                 f"embedding_optimizer: {self.embedding_optimizer!r} has no fused CPU kernel in "
                 f"fbgemm; on CPU use one of {', '.join(CPU_EMBEDDING_OPTIMIZERS)}"
@@ -96,13 +114,22 @@ class FaultInjection(_Strict):
 
 
 class TrainConfig(_Strict):
-    name: str = "train"
-    seed: int = 0
+    name: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="runs are folders <name>-<timestamp> under storage_path")
+    seed: int = Field(default=0, ge=0)
     data: DataSection
     model: ModelSection
     train: OptimSection = Field(default_factory=OptimSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
-    storage_path: str = "runs"
+    storage_path: str = Field(
+        default="runs", validate_default=True,
+        description="folder of the run folders (relative to the working directory) or a URI",
+    )
+    resume: str | None = Field(
+        default=None,
+        description="continue this run (a folder name under storage_path, or its path) from its "
+        "last checkpoint; without it every run starts afresh in a new folder",
+    )
     sharding: ShardingSection = Field(default_factory=ShardingSection)
     max_failures: int = Field(default=0, ge=-1, description="-1 = retry forever")
     fault_injection: FaultInjection | None = None
@@ -117,9 +144,19 @@ class TrainConfig(_Strict):
                              f"scaling.num_workers={self.scaling.num_workers}")
         return self
 
+    @model_validator(mode="after")
+    def _local_mode_writes_a_local_folder(self) -> TrainConfig:
+        if self.scaling.num_workers == 0 and "://" in self.storage_path:
+            raise ValueError(f"storage_path: {self.storage_path!r} is a URI, which needs "
+                             "scaling.num_workers >= 1 (local mode writes checkpoints locally)")
+        return self
+
     @field_validator("storage_path")
     @classmethod
     def _absolute(cls, value: str) -> str:
+        """Ray Train needs an absolute path or a URI (s3://, gs://), which passes unchanged."""
+        if "://" in value:
+            return value
         return str(Path(value).expanduser().resolve())
 
 

@@ -8,8 +8,14 @@ per-table sharding types the config asks for), the dense part is replicated with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from recray.platform.config import OptimSection, ShardingSection
 
 # What TorchRec's sharders offer per compute device (row-wise needs CUDA/MTIA kernels).
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -17,6 +23,48 @@ SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "tab
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 # Fused (in-backward) embedding optimizers the CPU TBE kernels implement; Adam is CUDA-only.
 CPU_EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+# Fused embedding optimizers per compute device (fbgemm's TBE kernels).
+FUSED_EMBEDDING_OPTIMIZERS = {"cpu": CPU_EMBEDDING_OPTIMIZERS, "cuda": (*CPU_EMBEDDING_OPTIMIZERS, "adam")}
+
+
+@dataclass(frozen=True)
+class EmbeddingOptimizer:
+    """The fused optimizer a sharded run gives its embedding tables, and why."""
+
+    name: str
+    lr: float
+    reason: str
+
+    def __str__(self) -> str:
+        return f"embeddings: fused {self.name}, lr {self.lr:g} ({self.reason})"
+
+
+def embedding_optimizer_for(
+    sharding: ShardingSection, train: OptimSection, device: str, world: int
+) -> EmbeddingOptimizer:
+    """By default the embeddings train with train.optimizer, as in an unsharded run.
+
+    Where the device has no fused kernel for it (Adam on CPU) they fall back to Adagrad, and the
+    reason says so. TorchRec sums embedding gradients over ranks while DDP averages the dense
+    ones: Adagrad and Adam do not care, SGD needs lr / world to take the unsharded step.
+    """
+    if sharding.embedding_optimizer is not None:
+        name, reason = sharding.embedding_optimizer, "sharding.embedding_optimizer"
+    elif train.optimizer in FUSED_EMBEDDING_OPTIMIZERS[device]:
+        name, reason = train.optimizer, "train.optimizer, as in an unsharded run"
+    else:
+        name = "adagrad"
+        reason = (f"train.optimizer {train.optimizer!r} has no fused {device} kernel in fbgemm, so "
+                  f"unlike an unsharded run the embeddings do not train with {train.optimizer}")
+    lr = sharding.embedding_lr
+    if lr is None:
+        lr = train.lr / world if name == "sgd" else train.lr
+        reason += "; lr = train.lr / workers for summed gradients" if name == "sgd" else ""
+    if train.weight_decay:
+        reason += "; train.weight_decay applies to the dense part only"
+    return EmbeddingOptimizer(name, lr, reason)
 
 
 def embedding_tables(model: nn.Module) -> dict[tuple[str, str], int]:
@@ -51,7 +99,7 @@ def _embedding_optimizer(name: str) -> type[torch.optim.Optimizer]:
     from torchrec.optim import RowWiseAdagrad
 
     return {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
-            "sgd": torch.optim.SGD}[name]
+            "sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
 
 
 def shard(

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray.train
 import torch
+import yaml
 from sklearn.metrics import log_loss, roc_auc_score
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recray.data import SPLITS
-from recray.data.jagged import check_columns, to_batch
+from recray.data.jagged import Batch, check_columns, to_batch
 from recray.data.schema import Schema, SchemaError
 from recray.platform.config import ConfigError, TrainConfig
-from recray.platform.sharding import embedding_tables, shard
+from recray.platform.sharding import embedding_optimizer_for, embedding_tables, shard
+
+EVAL_SPLITS = ("valid", "test")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or inf; the message names the run, epoch and step."""
+
+
+# Random streams: one per (purpose, rank, epoch), drawn from the run's seed by numpy's
+# SeedSequence. A sum like seed + rank + epoch gave rank 1 at epoch 0 the stream of rank 0 at
+# epoch 1; spawn keys never collide.
+TORCH_STREAM, DATA_STREAM, BLOCK_ORDER_STREAM = 0, 1, 2
+
+
+def derived_seed(seed: int, stream: int, rank: int = 0, epoch: int = 0) -> int:
+    """A 32-bit seed for one random stream of a run."""
+    return int(np.random.SeedSequence(seed, spawn_key=(stream, rank, epoch)).generate_state(1)[0])
 
 
 # --- validation: everything that can fail fails here, in the driver, before any worker ----------
@@ -89,6 +115,76 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         )
 
 
+# --- run folders: a new run gets its own; only `resume` continues an old one -------------------
+def _new_run_name(cfg: TrainConfig) -> str:
+    """`<name>-<YYYYmmdd-HHMMSS>`, reserved by creating its folder (a suffix when taken).
+
+    Ray Train reloads whatever checkpoint it finds under storage_path/name, so a fixed name
+    would make every second run silently continue the first.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if _is_uri(cfg.storage_path):  # object stores have no exclusive create: the stamp must do
+        return f"{cfg.name}-{stamp}"
+    root = Path(cfg.storage_path)
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count():
+        name = f"{cfg.name}-{stamp}" + (f"-{attempt}" if attempt else "")
+        try:
+            (root / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(epoch, folder) of the newest checkpoint in a run folder, or None."""
+    closed = [(int(json.loads(f.read_text())["epoch"]), f.parent) for f in run_dir.glob("*/epoch.json")]
+    return max(closed) if closed else None
+
+
+def _resume_point(cfg: TrainConfig) -> tuple[str, str, Path | None]:
+    """(storage_path, run name, checkpoint folder) for `resume: RUN`; refuses what cannot resume."""
+    given = Path(cfg.resume).expanduser()
+    if _is_uri(cfg.storage_path):  # Ray Train finds the run's checkpoints in the store itself
+        return cfg.storage_path, cfg.resume, None
+    run_dir = given.resolve() if len(given.parts) > 1 else Path(cfg.storage_path) / cfg.resume
+    if not run_dir.is_dir():
+        runs = sorted(p.name for p in run_dir.parent.glob(f"{cfg.name}-*")) if run_dir.parent.is_dir() else []
+        raise ConfigError(f"resume: no run folder {str(run_dir)!r}; runs of {cfg.name!r} there: {runs}")
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise ConfigError(f"resume: run {str(run_dir)!r} has no checkpoint (no */epoch.json)")
+    epoch, folder = latest
+    if epoch >= cfg.train.epochs - 1:
+        raise ConfigError(
+            f"resume: run {run_dir.name!r} already closed epoch {epoch} of train.epochs="
+            f"{cfg.train.epochs}; raise train.epochs to train it further"
+        )
+    _say_what_changed(run_dir / "config.yaml", cfg)
+    return str(run_dir.parent), run_dir.name, folder
+
+
+def _say_what_changed(old_config: Path, cfg: TrainConfig) -> None:
+    """Print every setting a resumed run changes: the new config wins, optimizer state included."""
+    if not old_config.is_file():
+        return
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before = flat(yaml.safe_load(old_config.read_text()))
+    after = flat(cfg.model_dump(mode="json"))
+    changed = [f"{k[:-1]} {before.get(k)!r} -> {after.get(k)!r}"
+               for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k) and k not in ("resume.", "storage_path.")]
+    if changed:
+        print(f"resume: this config changes {', '.join(changed)}; the new values apply "
+              "(the restored optimizer gets this config's lr and weight_decay)", file=sys.stderr)
+
+
 # --- the train function (runs in each Ray Train worker) -----------------------------------------
 def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
@@ -98,104 +194,148 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 def task_metrics(
     split: str, tasks: list[str], labels: np.ndarray, probs: np.ndarray
 ) -> dict[str, float]:
-    """AUC and logloss per task; `label` is the single-task name, else `<split>_auc_<task>` too."""
+    """AUC and logloss per task; `label` is the single-task name, else `<split>_auc_<task>` too.
+
+    Non-finite predictions (a diverged model) give NaN metrics rather than an exception.
+    """
     out: dict[str, float] = {}
     for t, task in enumerate(tasks):
         y, p = labels[:, t], np.clip(probs[:, t], 1e-7, 1 - 1e-7)
         suffix = "" if task == "label" else f"_{task}"
+        finite = bool(np.isfinite(p).all())
         out[f"{split}_auc{suffix}"] = (
-            float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+            float(roc_auc_score(y, p)) if finite and 0 < y.sum() < len(y) else float("nan")
         )
-        out[f"{split}_logloss{suffix}"] = float(log_loss(y, p, labels=[0, 1]))
+        out[f"{split}_logloss{suffix}"] = float(log_loss(y, p, labels=[0, 1])) if finite else float("nan")
     if len(tasks) > 1:
         out[f"{split}_auc"] = float(np.nanmean([out[f"{split}_auc_{t}"] for t in tasks]))
         out[f"{split}_logloss"] = float(np.mean([out[f"{split}_logloss_{t}"] for t in tasks]))
     return out
 
 
+def _placeholder_batch(schema: Schema) -> Batch:
+    """One all-zero row (id 0 for single ids, empty sequences), scored and thrown away."""
+    lengths = [0 if f.kind == "sequence" else 1 for f in schema.id_features]
+    return Batch(
+        dense=torch.zeros(1, len(schema.dense_features)),
+        sparse=KeyedJaggedTensor(
+            keys=[f.name for f in schema.id_features],
+            values=torch.zeros(sum(lengths), dtype=torch.int64),
+            lengths=torch.tensor(lengths, dtype=torch.int32),
+            stride=1,
+        ),
+        labels=torch.zeros(1, len(schema.labels)),
+    )
+
+
 @torch.no_grad()
 def evaluate(model, shard, schema: Schema, batch_size: int, split: str) -> dict[str, float]:
-    """Predict a data shard; with several workers, gather every worker's predictions first."""
+    """Score every row of this worker's part of a split once; gather all workers' scores.
+
+    The eval splits are divided without dropping rows (see `ExactEvalSplits`), so workers can hold
+    different numbers of batches. A sharded model's forward is a collective: workers step together
+    and one that has run out scores a placeholder row until every worker is done.
+    """
     import torch.distributed as dist
 
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # scoring needs no gradient sync
     model.eval()
     device = next(model.parameters()).device
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    batches = iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
     labels, probs = [], []
-    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-        batch = to_batch(table, schema, source=split)
-        labels.append(batch.labels.numpy())
+    while True:
+        table = next(batches, None)
+        if distributed:
+            more = torch.tensor([table is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                break
+        elif table is None:
+            break
+        batch = _placeholder_batch(schema) if table is None else to_batch(table, schema, source=split)
         if device.type != "cpu":
             batch = batch.to(device, non_blocking=True)
-        probs.append(torch.sigmoid(model(batch)).cpu().numpy())
+        scores = torch.sigmoid(model(batch)).cpu().numpy()
+        if table is not None:
+            labels.append(batch.labels.cpu().numpy())
+            probs.append(scores)
     model.train()
     n_tasks = len(schema.labels)
     local = (
         np.concatenate(labels) if labels else np.zeros((0, n_tasks), np.float32),
         np.concatenate(probs) if probs else np.zeros((0, n_tasks), np.float32),
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         local = (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-    return task_metrics(split, schema.tasks, *local)
+    return task_metrics(split, schema.tasks, *local) | {f"{split}_rows": len(local[0])}
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    """This worker's accelerator (Ray assigns it) or the CPU."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if cfg.sharding.device == "cuda" else torch.device("cpu")
 
 
 def train_func(config: dict[str, Any]) -> dict[str, float]:
     """Ray Train's unit: build the model, stream this worker's shard, evaluate, checkpoint."""
-    import ray.train
     import ray.train.torch
 
     from recray import models
 
     cfg = TrainConfig.model_validate(config["cfg"])
     schema = Schema.model_validate(config["schema"])
+    run_dir = config["run_dir"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    device = _device(cfg)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model.name, schema, **cfg.model.hparams)
     if cfg.sharding.enabled:
         _ensure_process_group()
+        embedding_optimizer = embedding_optimizer_for(cfg.sharding, cfg.train, device.type, world)
         model, optimizer, plan = shard(
             model,
             default_type=cfg.sharding.default_type,
             table_types=cfg.sharding.tables,
-            embedding_optimizer=cfg.sharding.embedding_optimizer,
-            embedding_lr=cfg.sharding.embedding_lr or cfg.train.lr,
+            embedding_optimizer=embedding_optimizer.name,
+            embedding_lr=embedding_optimizer.lr,
             dense_optimizer=lambda params: _optimizer(cfg, params),
-            device=torch.device(cfg.sharding.device),
+            device=device,
         )
         if rank == 0:
-            print(plan, flush=True)
+            print(f"{plan}\n  {embedding_optimizer}", flush=True)
     else:
+        # Parameters move before the optimizer exists and before its state is restored:
+        # Optimizer.load_state_dict casts the saved state to the device of the parameters it
+        # holds, so state loaded while they were still on the CPU would stay there on CUDA.
+        model.to(device)
         optimizer = _optimizer(cfg, model.parameters())
-    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
-    start_epoch = _restore(checkpoint, model, optimizer, cfg) + 1 if checkpoint else 0
+    # Ray hands back the last checkpoint after a worker failure, or of a run resumed under its
+    # name; local mode has no such memory, so the driver names the checkpoint of `resume` itself.
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint.from_directory(config["resume_from"]) if config["resume_from"] else None
+    )
+    start_epoch = _restore(checkpoint, model, optimizer, cfg, rank) + 1 if checkpoint else 0
     resumed_from = start_epoch - 1 if checkpoint else -1
     if world > 1 and not cfg.sharding.enabled:  # DMP already wraps the dense part in DDP
         model = ray.train.torch.prepare_model(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    device = torch.device(cfg.sharding.device)  # GPU path written for DMP, not yet run on a GPU
-    torch.manual_seed(cfg.seed + rank + start_epoch)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
+        # Each epoch starts from its own stream, so a run resumed at epoch e draws the same
+        # dropout masks as one that never stopped: the state at a checkpoint is (seed, rank, e).
+        torch.manual_seed(derived_seed(cfg.seed, TORCH_STREAM, rank, epoch))
         started, rows, steps, compute_seconds = time.perf_counter(), 0, 0, 0.0
         train_shard = ray.train.get_dataset_shard("train")
         local_losses = []
-        global_batch = cfg.train.batch_size * (world if cfg.train.global_batches else 1)
-        for table in train_shard.iter_batches(
-            batch_size=global_batch,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
-            local_shuffle_seed=cfg.seed + epoch,
-            prefetch_batches=cfg.train.prefetch_batches,
-            # A short last global batch could leave a rank without rows while the others run a
-            # collective forward (DMP's all-to-all): drop it so every rank steps together.
-            drop_last=cfg.train.global_batches,
-        ):
-            if cfg.train.global_batches:
-                table = table.slice(rank * cfg.train.batch_size, cfg.train.batch_size)
-            _maybe_fail(cfg, rank, epoch, steps)
+        for table in epoch_batches(train_shard, cfg, rank, world, epoch):
+            _maybe_fail(cfg, run_dir, rank, epoch, steps)
             step_started = time.perf_counter()
             batch = to_batch(table, schema, source="train")
             if device.type != "cpu":
@@ -221,39 +361,71 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             # Time the loop spent waiting for Ray Data: near train_seconds means input-bound.
             "train_data_wait_seconds": train_seconds - compute_seconds,
         }
-        evaluated = ("valid", "test") if epoch == cfg.train.epochs - 1 else ("valid",)
+        # Every rank holds the same all-reduced curve, so every rank stops here together.
+        diverged = [step for step, value in enumerate(curve) if not math.isfinite(value)]
+        if diverged and cfg.train.stop_on_nonfinite_loss:
+            metrics["diverged_at_step"] = diverged[0]
+            ray.train.report(metrics)  # no checkpoint: the last one holds finite weights
+            return metrics
+        evaluated = EVAL_SPLITS if epoch == cfg.train.epochs - 1 else ("valid",)
         for split in evaluated:
             metrics |= evaluate(
                 model, ray.train.get_dataset_shard(split), schema, cfg.train.eval_batch_size, split
             )
-        _report(model, optimizer, epoch, metrics, rank, cfg)
+        _report(model, optimizer, epoch, metrics, rank, cfg, run_dir)
     return metrics
 
 
+def epoch_batches(shard, cfg: TrainConfig, rank: int, world: int, epoch: int) -> Iterator[pa.Table]:
+    """This rank's train batches for one epoch, shuffled by (seed, epoch) unless train.shuffle is off.
+
+    With global_batches every rank reads the same shuffled global batches (same seed on every
+    rank) and trains on its slice, so the data order is that of one worker for any worker count.
+    """
+    shuffle_rows = cfg.train.shuffle_buffer_rows if cfg.train.shuffle else 0
+    global_batch = cfg.train.batch_size * (world if cfg.train.global_batches else 1)
+    for table in shard.iter_batches(
+        batch_size=global_batch,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=shuffle_rows or None,
+        local_shuffle_seed=derived_seed(cfg.seed, DATA_STREAM, 0, epoch),
+        prefetch_batches=cfg.train.prefetch_batches,
+        # A short last global batch could leave a rank without rows while the others run a
+        # collective forward (DMP's all-to-all): drop it so every rank steps together.
+        drop_last=cfg.train.global_batches,
+    ):
+        yield table.slice(rank * cfg.train.batch_size, cfg.train.batch_size) if cfg.train.global_batches else table
+
+
 def _mean_over_ranks(losses: list[torch.Tensor]) -> list[float]:
-    """Per-step loss averaged over workers: one all-reduce per epoch, not per step."""
+    """Per-step loss averaged over the workers that ran that step: one all-reduce per epoch.
+
+    A NaN or inf loss on any worker stays NaN or inf in the mean, so divergence shows.
+    """
     import torch.distributed as dist
 
-    curve = torch.stack(losses) if losses else torch.zeros(0)
+    curve = torch.stack(losses).float() if losses else torch.zeros(0)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # Ranks may run different step counts when shards are uneven; pad to the longest.
-        length = torch.tensor([curve.numel()])
+        # Ranks may run different step counts when shards are uneven: sum the losses and count
+        # the ranks per step, over the longest rank's length.
+        length = torch.tensor([curve.numel()], device=curve.device)
         dist.all_reduce(length, op=dist.ReduceOp.MAX)
-        padded = torch.full((int(length),), float("nan"))
-        padded[: curve.numel()] = curve
-        counts = (~padded.isnan()).float()
-        dist.all_reduce(counts)
-        dist.all_reduce(padded.nan_to_num_(0.0))
-        curve = padded / counts.clamp(min=1)
+        total = torch.zeros(int(length), device=curve.device)
+        ranks_at_step = torch.zeros(int(length), device=curve.device)
+        total[: curve.numel()] = curve
+        ranks_at_step[: curve.numel()] = 1
+        dist.all_reduce(total)
+        dist.all_reduce(ranks_at_step)
+        curve = total / ranks_at_step  # the longest rank ran every step, so no division by 0
     return curve.tolist()
 
 
-def _maybe_fail(cfg: TrainConfig, rank: int, epoch: int, step: int) -> None:
+def _maybe_fail(cfg: TrainConfig, run_dir: str, rank: int, epoch: int, step: int) -> None:
     """Fault injection for tests: exit this worker process once (a marker file remembers)."""
     fault = cfg.fault_injection
     if fault is None or (fault.rank, fault.epoch, fault.step) != (rank, epoch, step):
         return
-    marker = Path(cfg.storage_path) / cfg.name / "fault_injected"
+    marker = Path(run_dir) / "fault_injected"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -277,11 +449,16 @@ def _ensure_process_group() -> None:
 
 # Checkpoints: a sharded model is saved by every rank with torch.distributed.checkpoint (each
 # writes its own shards; nothing is pickled); a replicated one by rank 0 with torch.save, loaded
-# with weights_only=True. `epoch.json` says which epoch the checkpoint closes.
-def _restore(checkpoint, model, optimizer, cfg: TrainConfig) -> int:
-    """Load a checkpoint into model and optimizer; return the epoch it closed."""
-    import json
+# with weights_only=True. `epoch.json` says which epoch the checkpoint closes. No RNG state is
+# saved: every epoch reseeds from (seed, rank, epoch), which is all a checkpoint boundary needs.
+def _restore(checkpoint, model, optimizer, cfg: TrainConfig, rank: int) -> int:
+    """Load a checkpoint into model and optimizer; return the epoch it closed.
 
+    The optimizer keeps this config's lr and weight_decay (the checkpoint's are replaced, and
+    rank 0 says so), so a resumed run trains with the hyper-parameters it was given.
+    """
+    configured = [{k: group[k] for k in ("lr", "weight_decay") if k in group}
+                  for group in optimizer.param_groups]
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         if cfg.sharding.enabled:
@@ -293,31 +470,34 @@ def _restore(checkpoint, model, optimizer, cfg: TrainConfig) -> int:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         else:
-            state = torch.load(folder / "state.pt", weights_only=True)
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        return int(json.loads((folder / "epoch.json").read_text())["epoch"])
+        epoch = int(json.loads((folder / "epoch.json").read_text())["epoch"])
+    replaced = set()
+    for group, wanted in zip(optimizer.param_groups, configured, strict=True):
+        for key, value in wanted.items():
+            if group[key] != value:
+                replaced.add(f"{key} {group[key]:g} -> {value:g}")
+                group[key] = value
+    if replaced and rank == 0:
+        print(f"resume: the checkpoint's optimizer had other hyper-parameters; using the config's: "
+              f"{', '.join(sorted(replaced))}", file=sys.stderr, flush=True)
+    return epoch
 
 
 def _report(
-    model, optimizer, epoch: int, metrics: dict[str, float], rank: int, cfg: TrainConfig
+    model, optimizer, epoch: int, metrics: dict[str, float], rank: int, cfg: TrainConfig,
+    run_dir: str,
 ) -> None:
     """Report this epoch with its checkpoint (weights, optimizer state, epoch).
 
     Ray Train copies a reported checkpoint into its storage, except in local mode, where it keeps
     the path as given: there we write straight into the run's folder so it outlives this call.
     """
-    import json
-
-    import ray.train
-
     local_mode = cfg.scaling.num_workers == 0
     with tempfile.TemporaryDirectory() as tmp:
-        folder = (
-            Path(cfg.storage_path) / cfg.name / f"checkpoint_epoch_{epoch:04d}"
-            if local_mode
-            else Path(tmp)
-        )
+        folder = Path(run_dir) / f"checkpoint_epoch_{epoch:04d}" if local_mode else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.sharding.enabled:
             import torch.distributed.checkpoint as dcp
@@ -338,14 +518,71 @@ def _report(
 
 
 # --- the driver ---------------------------------------------------------------------------------
+class ExactEvalSplits(ray.train.DataConfig):
+    """Ray Train's data split, except that valid and test lose no rows.
+
+    Ray splits every dataset with `streaming_split(equal=True)`, which drops N mod workers rows:
+    right for training (every rank must run the same number of steps), wrong for evaluation,
+    where each row must be scored exactly once. `evaluate` copes with the uneven parts.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure(
+            {k: v for k, v in datasets.items() if k not in EVAL_SPLITS},
+            world_size, worker_handles, worker_node_ids, **kwargs,
+        )
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name in EVAL_SPLITS:
+            if name not in datasets:
+                continue
+            dataset = datasets[name].copy(datasets[name])
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            parts = dataset.streaming_split(world_size, equal=False, locality_hints=hints)
+            for rank, part in enumerate(parts):
+                output[rank][name] = part
+        return output
+
+
+def split_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """The data folder's splits as Ray Datasets, the train split in a seeded block order."""
+    import ray.data
+
+    # Blocks keep the order they are given, so an epoch's data order is a function of the seed
+    # alone and a run resumed after a failure sees the batches the uninterrupted run saw.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {
+        split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
+    }
+    if cfg.train.shuffle:
+        # One seeded block order per run, mixed anew each epoch by the seeded local buffer of
+        # `epoch_batches`. Ray's own per-epoch reseeding counts executions per process, which a
+        # restarted worker counts from 0 again: its order would differ from the uninterrupted run's.
+        datasets["train"] = datasets["train"].randomize_block_order(
+            seed=derived_seed(cfg.seed, BLOCK_ORDER_STREAM)
+        )
+    return datasets
+
+
 def fit(cfg: TrainConfig) -> dict[str, Any]:
-    """Validate, then run the TorchTrainer; return the final metrics and the checkpoint path."""
+    """Validate, then run the TorchTrainer; return the final metrics, checkpoint and run folder.
+
+    A run gets a new folder `<name>-<timestamp>` under storage_path; `resume: RUN` continues
+    RUN from its last checkpoint instead.
+    """
     schema = validate(cfg)
 
     import ray
     import ray.data
-    import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    if cfg.resume:
+        storage_path, run_name, resume_from = _resume_point(cfg)
+    else:
+        storage_path, run_name, resume_from = cfg.storage_path, _new_run_name(cfg), None
+    run_dir = f"{storage_path.rstrip('/')}/{run_name}"
+    if not _is_uri(run_dir):
+        Path(run_dir, "config.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     if not ray.is_initialized():
         ray.init()
@@ -353,16 +590,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
 
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = True
-    # A fixed block order makes an epoch's data order a function of the seed alone, so a run
-    # resumed after a failure sees exactly the batches the uninterrupted run would have seen.
-    data_context.execution_options.preserve_order = True
-    datasets = {
-        split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
-    }
     on_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.model_dump(), "schema": schema.model_dump()},
+        train_loop_config={"cfg": cfg.model_dump(), "schema": schema.model_dump(),
+                           "run_dir": run_dir, "resume_from": resume_from and str(resume_from)},
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -370,21 +602,30 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if on_gpu else {}),
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=cfg.storage_path,
+            name=run_name,
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["valid", "test"] if cfg.train.global_batches else "all"
+        datasets=split_datasets(cfg),
+        dataset_config=ExactEvalSplits(
+            datasets_to_split=list(EVAL_SPLITS) if cfg.train.global_batches else "all"
         ),
     )
     started = time.perf_counter()
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["wall_seconds"] = time.perf_counter() - started
+    if "diverged_at_step" in metrics:
+        step = metrics["diverged_at_step"]
+        raise TrainingDiverged(
+            f"run {run_dir}: the train loss is {metrics['train_loss_curve'][step]} at epoch "
+            f"{metrics['epoch']} step {step}; stopped (train.stop_on_nonfinite_loss). Lower "
+            f"train.lr (now {cfg.train.lr:g}) or look for NaN/inf in the data; the run's last "
+            "checkpoint holds the last finite weights"
+        )
     return {
         "metrics": metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_dir": run_dir,
     }
