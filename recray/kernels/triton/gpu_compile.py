@@ -4,8 +4,10 @@ The interpreter that runs the kernels in the CPU tests never meets the GPU compi
 rejects code the interpreter accepts (a plain global read inside `@triton.jit`, a shared-memory
 budget overrun). This module compiles a kernel exactly as a launch would: the arguments go
 through triton's own binder, so the signature, constexprs and alignment attributes are those a
-real call specialises on. It needs `TRITON_INTERPRET` unset before triton is imported (under
-the interpreter `@triton.jit` makes no compilable function), so tests run it in a fresh process:
+real call specialises on (this leans on triton 3.7's `create_function_from_signature` and
+`JITFunction._pack_args`, pinned by pyproject). It needs `TRITON_INTERPRET` unset before triton
+is imported (under the interpreter `@triton.jit` makes no compilable function), so tests run it
+in a fresh process:
 
     python -m recray.kernels.triton.gpu_compile < cases.json     # JSON list in, JSON list out
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,15 +190,13 @@ def _compile(
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers, stack bytes) per thread from triton's bundled cuobjdump."""
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    path = Path(f"/tmp/recray-{time.monotonic_ns()}.cubin")
-    path.write_bytes(cubin)
-    try:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
         usage = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", str(path)],
+            [str(cuobjdump), "--dump-resource-usage", file.name],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-    finally:
-        path.unlink()
     fields = dict(
         item.split(":", 1) for line in usage.splitlines() if "REG:" in line
         for item in line.split() if ":" in item
