@@ -49,6 +49,9 @@ def _bad(**change) -> dict:
         (_bad(name="item_id"), r"duplicate names \['item_id'\]"),
         (_bad(colour="red"), r"features\.'user_id'\.colour: Extra inputs"),
         ({**GOOD, "labels": ["click"]}, r"labels: 'click' is not 'label' or 'label_<task>'"),
+        ({**GOOD, "labels": ["label", "label_x"]},
+         r"labels: 'label' \(a single task\) cannot stand beside \['label_x'\]; name every task"),
+        ({**GOOD, "labels": ["label_x", "label_x"]}, r"labels: duplicate names \['label_x'\]"),
         ({"features": []}, r"features: .*at least 1"),
     ],
 )

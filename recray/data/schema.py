@@ -83,6 +83,15 @@ class Schema(BaseModel):
                 raise ValueError(f"labels: {label!r} is not 'label' or 'label_<task>'")
             if label in names:
                 raise ValueError(f"labels: {label!r} is also a feature name")
+        repeated = sorted({lab for lab in self.labels if self.labels.count(lab) > 1})
+        if repeated:
+            raise ValueError(f"labels: duplicate names {repeated}")
+        # Metrics are named <split>_auc for `label` and <split>_auc_<task> per task, with
+        # <split>_auc their mean: a lone `label` beside tasks would have no name of its own.
+        tasks = [lab for lab in self.labels if lab != "label"]
+        if "label" in self.labels and tasks:
+            raise ValueError(f"labels: 'label' (a single task) cannot stand beside {tasks}; "
+                             "name every task label_<task>")
         tables: dict[str, Feature] = {}
         for f in self.id_features:
             first = tables.setdefault(f.table_name, f)
