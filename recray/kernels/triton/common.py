@@ -8,13 +8,16 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.compiler import max_shared_mem
+from triton.runtime import driver
 
 # Read when this module is imported, which is when the kernels below are decorated: triton
 # itself decides interpreter or GPU at decoration time too, with this same knob (any of 1, true,
 # yes, on, y), so the two can never disagree.
 INTERPRET = knobs.runtime.interpret
-# Hopper's per-block shared memory (227 KB); a config the estimate puts above it is never compiled.
-SHARED_MEMORY_BYTES = 227 * 1024
+# Hopper's per-block shared memory (227 KB): the budget where no GPU is active (compiling for
+# sm_90 in tests); on a GPU the budget is that GPU's, as triton checks it at load.
+HOPPER_SHARED_MEMORY_BYTES = 227 * 1024
 # 255 usable 32-bit registers per thread (less the indices and pointers the tiles need).
 REGISTER_BYTES = 256 * 4
 
@@ -105,20 +108,29 @@ def _rows(kernel: str, config: triton.Config) -> tuple[int, int]:
 def prune_configs(
     configs: list[triton.Config], named_args: dict, kernel: str, **kwargs
 ) -> list[triton.Config]:
-    """Autotune `early_config_prune`: drop configs over Hopper's shared memory (they fail only
+    """Autotune `early_config_prune`: drop configs over the GPU's shared memory (they fail only
     after seconds of compiling) or whose tiles would not fit 255 registers per thread (ptxas
     spills them to local memory). Keeps the smallest config if none fits, so a launch still
     runs or fails with the compiler's own error. `RECRAY_KERNELS_AUTOTUNE=0` keeps only the
     smallest fitting config: one compile per kernel and shape class instead of a sweep (a
     correctness run, a first run on a new GPU)."""
     args = {**named_args, **kwargs}
+    shared_memory = shared_memory_bytes()
     fits = [
         c for c in configs
-        if attention_shared_bytes(kernel, c, args) <= SHARED_MEMORY_BYTES
+        if attention_shared_bytes(kernel, c, args) <= shared_memory
         and attention_register_bytes(kernel, c, args) < REGISTER_BYTES
     ]  # fmt: skip
     smallest = min(fits or configs, key=lambda c: attention_register_bytes(kernel, c, args))
     return fits if fits and autotune_on() else [smallest]
+
+
+def shared_memory_bytes() -> int:
+    """Shared memory per block on the active GPU (227 KB on H100/H200, 163 KB on A100), or
+    Hopper's where none is active."""
+    if INTERPRET or not torch.cuda.is_available():
+        return HOPPER_SHARED_MEMORY_BYTES
+    return max_shared_mem(driver.active.get_current_device())
 
 
 def autotune_on() -> bool:

@@ -2,12 +2,13 @@
 
 One kernel family serves both public attention ops. A program owns one (sequence, head) and a
 block of that sequence's queries (forward, dQ) or keys (dK/dV), so nothing is padded and no
-[B, N, N] tensor exists. The grid is one axis of (sequence, head, block) triples sized by the
-longest real sequence (grid axis 1 would stop at 65,535 blocks). Queries of sequence b are slots `q_offsets[b] .. q_offsets[b+1]-1`:
-for self-attention they are the sequence's own tokens; for target attention `q_index` maps a
-slot to a query row, so many candidates share one history without copying it. The backward
-recomputes the attention from the stored log-sum-exp and needs no atomics: dK/dV programs loop
-over queries, dQ programs over keys.
+[B, N, N] tensor exists. The grid is one axis of (sequence, head, block) triples, as many
+blocks per pair as the longest real sequence needs (a second axis would stop at 65,535).
+Queries of sequence b are slots `q_offsets[b] .. q_offsets[b+1]-1`: for self-attention they are
+the sequence's own tokens; for target attention `q_index` maps a slot to a query row, so many
+candidates share one history without copying it. The backward recomputes the attention from
+the stored log-sum-exp and needs no atomics: dK/dV programs loop over queries, dQ programs
+over keys.
 """
 
 from __future__ import annotations
