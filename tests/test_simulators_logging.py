@@ -14,6 +14,7 @@ from recray.data.jagged import to_batch
 from recray.simulators.logging_policy import (
     LogConfig,
     SoftmaxLoggingPolicy,
+    inclusion_probabilities,
     schema_for_log,
     simulate_creator_log,
     write_creator_log,
@@ -55,6 +56,11 @@ def test_logged_propensities_match_monte_carlo_frequencies(slate_size):
         first = np.flatnonzero((slates[rows] == keys[top]).all(axis=1))[0]
         p_slate = np.prod(slot_propensity[rows][first])
         assert abs(counts[top] / DRAWS - p_slate) < 5 * np.sqrt(p_slate * (1 - p_slate) / DRAWS)
+
+
+def test_inclusion_probabilities_of_a_slate_too_large_to_enumerate_are_refused():
+    with pytest.raises(ValueError, match="slate_size: 6 of 20 candidates"):
+        inclusion_probabilities(np.ones((1, 20)), 6)
 
 
 def test_shuffled_rows_rebuild_each_slate_from_session_id_and_slot(log):
