@@ -84,8 +84,11 @@ def _check_against_reference(run, inputs, dtype, gen):
 
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", [16, 24])
+# every dtype at a padded head dim (24 in a 32-wide block); the exact 16-wide block in fp32 (its
+# bf16/fp16 compiles are in test_kernels_compile.py; the arithmetic is the padded one's)
+@pytest.mark.parametrize(
+    ("dim", "dtype"), [(16, torch.float32), *[(24, dtype) for dtype in DTYPES]], ids=str
+)
 def test_flash_attention_matches_reference(dim, dtype, causal, activation):
     gen = torch.Generator().manual_seed(dim)
     lengths = LENGTH_CASES["mixed"]
