@@ -102,3 +102,11 @@ def test_written_splits_keep_each_slate_whole(tmp_path, log):
     sizes = np.array([len(s) for s in sessions])
     assert sizes.sum() == log.num_rows
     assert (np.abs(sizes - np.array([0.8, 0.1, 0.1]) * log.num_rows) <= 2).all()
+
+
+@pytest.mark.parametrize("config, field", [({"days": 0}, "days"), ({"temperature": 0.0}, "temperature"),
+                                           ({"world": {"horizon_days": 3}}, "world.horizon_days"),
+                                           ({"world": {"num_users": 3}}, "world.num_users")])
+def test_a_bad_log_config_names_its_field(config, field):
+    with pytest.raises(ValueError, match=field):
+        LogConfig(**config)

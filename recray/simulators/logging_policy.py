@@ -44,6 +44,16 @@ class LogConfig:
     seed: int = 0
     world: dict[str, Any] = field(default_factory=lambda: {"num_creators": 100})
 
+    def __post_init__(self) -> None:
+        if self.days < 1:
+            raise ValueError(f"days: expected >= 1 logged day, got {self.days}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        # The log sets these itself: users are the vector env's slots, the horizon is days + 1.
+        for name, owner in (("num_users", "num_users"), ("horizon_days", "days")):
+            if name in self.world:
+                raise ValueError(f"world.{name}: set by LogConfig.{owner}, not in world")
+
 
 # Exact inclusion probabilities enumerate the ordered prefixes of a slate: C^(k-1) of them.
 MAX_PREFIXES = 100_000
