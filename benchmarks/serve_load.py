@@ -261,9 +261,12 @@ def replica_kill(url: str, folder: Path, size: dict) -> dict[str, Any]:
     details = _get_global_client().get_serve_details()
     victim = details["applications"]["recray"]["deployments"]["Ranker"]["replicas"][0]
     ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+    killed = time.time()
     load.join()
+    while replicas_running() < 2 and time.time() - killed < 120:
+        time.sleep(0.5)
     return {"requests": result["requests"], "failed_requests": result["errors"],
-            "p99_ms": round(result["p99_ms"], 2), "replicas_after": replicas_running()}
+            "p99_ms": round(result["p99_ms"], 2), "replaced_after_s": round(time.time() - killed, 1)}
 
 
 def plot(autoscale: dict[str, Any], path: Path) -> None:
@@ -317,8 +320,10 @@ def main() -> None:
             os.killpg(server.pid, 15)
             server.wait()
 
-    if args.ingress == "haproxy":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    from recray.platform.serve import HAPROXY_ENV
+
+    if args.ingress == "haproxy":  # before Ray starts: its processes read them
+        os.environ.update(HAPROXY_ENV)
     elif args.ingress == "direct":
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

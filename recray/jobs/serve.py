@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from recray.platform.run_folder import load_run_folder
     from recray.platform.serve import (
+        HAPROXY_ENV,
         check_same_schema,
         deploy,
         load_serve_config,
@@ -41,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     # Every variant loads here first, so a bad folder fails in seconds, not inside a replica.
     check_same_schema({v.name: load_run_folder(v.run_dir) for v in cfg.variants})
     config_file = write_serve_config_file(cfg, args.run_dir or cfg.variants[0].run_dir)
+    if cfg.ingress == "haproxy":
+        # read where Ray starts: a cluster given by --address must have been started with them
+        os.environ.update(HAPROXY_ENV)
     if args.address:
         ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
     else:

@@ -42,6 +42,16 @@ from recray.platform.run_folder import RunFolder, load_run_folder
 VARIANT_HEADER = "x-recray-variant"
 SERVE_CONFIG_FILE = "serve_config.yaml"  # written next to the run, for `serve deploy` / `serve run`
 INT64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+# `ingress: haproxy`: Serve's HAProxy front (least-connections over replicas that serve HTTP
+# themselves) instead of its Python proxy actor, which costs a core of CPU on top of the replica
+# per request rate here. Read where Ray starts, so the verb sets them before starting a local Ray.
+# Scoring is idempotent, so a request cut off by a dying replica is replayed on another (Ray
+# retries only connection failures by default); a replay needs the whole body in HAProxy's buffer.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024),
+}
 
 
 # --- config (configs/serve.yaml) -----------------------------------------------------------------
@@ -90,6 +100,9 @@ class Batching(_Strict):
 class ServeConfig(_Strict):
     app_name: str = "recray"
     host: str = Field(default="127.0.0.1", description="another address is an explicit choice")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        default="proxy", description="Serve's Python proxy, or HAProxy in front of replicas that "
+        "serve HTTP themselves (faster; Ray then binds the replicas' ports on all interfaces)")
     port: int = Field(default=8000, gt=0, lt=65536)
     route_prefix: str = "/"
     variants: list[Variant] = Field(
