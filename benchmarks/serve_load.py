@@ -28,8 +28,8 @@ from typing import Annotated, Any
 import numpy as np
 
 SIZES = {
-    "full": {"vocab": 100_000, "candidates": 100, "seconds": 10, "concurrency": [1, 8, 32, 64],
-             "step": [(4, 20), (48, 40), (4, 50)], "kill_seconds": 20},
+    "full": {"vocab": 100_000, "candidates": 100, "seconds": 8, "concurrency": [1, 8, 32, 64],
+             "step": [(4, 14), (48, 30), (4, 36)], "kill_seconds": 15},
     "smoke": {"vocab": 1000, "candidates": 20, "seconds": 2, "concurrency": [1, 8],
               "step": [(2, 6), (32, 12), (2, 16)], "kill_seconds": 8},
 }
@@ -370,6 +370,9 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": " ".join(["python", *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "cpu": next((line.split(":", 1)[1].strip() for line in
+                                 Path("/proc/cpuinfo").read_text().splitlines()
+                                 if line.startswith("model name")), platform.processor()),
                     "load_average_at_start": os.getloadavg()},
         "setup": {"size": args.size, "ingress": args.ingress, **{k: v for k, v in size.items()},
                   "sparse_features": 2 * SPARSE_PER_SIDE, "dense_features": DENSE,
