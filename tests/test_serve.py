@@ -3,6 +3,7 @@ a request exactly as the model does offline, refuses bad requests by name and st
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import socket
@@ -123,6 +124,7 @@ def test_arms_follow_configured_shares_and_are_stable():
 
 
 def test_serve_config_is_checked_and_the_written_file_is_valid_for_serves_cli(tmp_path):
+    from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
     bad = tmp_path / "bad.yaml"
@@ -139,13 +141,29 @@ def test_serve_config_is_checked_and_the_written_file_is_valid_for_serves_cli(tm
     assert app.deployments[0].autoscaling_config["max_replicas"] == 2
     assert serve_config_file(cfg)["applications"][0]["args"]["config"]["variants"][0]["run_dir"] \
         == str(tmp_path.resolve())
+    # what `serve run FILE` calls: the builder named by import_path, with the file's args
+    module, builder = app.import_path.split(":")
+    built = getattr(importlib.import_module(module), builder)(app.args)
+    assert isinstance(built, Application)
 
 
-def test_serve_verb_names_a_missing_run_folder(capsys):
+def test_serve_verb_names_a_missing_run_folder_and_config_fields_the_schema_lacks(
+        capsys, data_dir, tmp_path):
     from recray.cli import main
 
     assert main(["serve", "/nonexistent/run"]) == 2
     assert "run folder not found: /nonexistent/run" in capsys.readouterr().err
+    trained_run(data_dir, tmp_path / "run", "lr", seed=0)
+    config = tmp_path / "serve.yaml"
+    config.write_text("rank_by: {clicks: 1.0}\n")
+    assert main(["serve", str(tmp_path / "run"), "--config", str(config)]) == 2
+    assert "rank_by: ['clicks'] are not tasks of the model; tasks: ['label']" in \
+        capsys.readouterr().err
+    config.write_text(yaml.safe_dump({"unit_feature": "item_id", "variants": [
+        {"name": "a", "run_dir": str(tmp_path / "run")},
+        {"name": "b", "run_dir": str(tmp_path / "run")}]}))
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "unit_feature: 'item_id' is not a user-side feature" in capsys.readouterr().err
 
 
 # --- a real Serve app on loopback ----------------------------------------------------------------

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from recray.platform.run_folder import load_run_folder
     from recray.platform.serve import (
         HAPROXY_ENV,
+        check_against_schema,
         check_same_schema,
         deploy,
         load_serve_config,
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_serve_config(args.config, args.run_dir, host=args.host, port=args.port)
     # Every variant loads here first, so a bad folder fails in seconds, not inside a replica.
-    check_same_schema({v.name: load_run_folder(v.run_dir) for v in cfg.variants})
+    schema = check_same_schema({v.name: load_run_folder(v.run_dir) for v in cfg.variants})
+    check_against_schema(cfg, schema)
     config_file = write_serve_config_file(cfg, args.run_dir or cfg.variants[0].run_dir)
     if cfg.ingress == "haproxy":
         # read where Ray starts: a cluster given by --address must have been started with them

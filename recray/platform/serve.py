@@ -192,6 +192,17 @@ def user_side(schema: Schema, cfg: ServeConfig) -> list[Feature]:
     return [schema.feature(n) for n in cfg.user_features]
 
 
+def check_against_schema(cfg: ServeConfig, schema: Schema) -> None:
+    """Config fields that name features or tasks must name real ones (ConfigError otherwise)."""
+    user_names = [f.name for f in user_side(schema, cfg)]
+    if len(cfg.variants) > 1 and cfg.unit_feature not in user_names:
+        raise ConfigError(f"unit_feature: {cfg.unit_feature!r} is not a user-side feature, so "
+                          f"arms could not be assigned by user; user-side features: {user_names}")
+    unknown = sorted(set(cfg.rank_by) - set(schema.tasks))
+    if unknown:
+        raise ConfigError(f"rank_by: {unknown} are not tasks of the model; tasks: {schema.tasks}")
+
+
 def _field_type(feature: Feature, limits: Limits) -> Any:
     if feature.kind == "dense":
         return Annotated[float, Field(allow_inf_nan=False, strict=True)]
@@ -283,6 +294,7 @@ class Ranker:
         self.runs: dict[str, RunFolder] = {v.name: load_run_folder(v.run_dir)
                                            for v in self.cfg.variants}
         self.schema = check_same_schema(self.runs)
+        check_against_schema(self.cfg, self.schema)
         self.tasks = self.schema.tasks
         weights = self.cfg.rank_by or {self.tasks[0]: 1.0}
         self.rank_weights = torch.tensor([weights.get(t, 0.0) for t in self.tasks])
