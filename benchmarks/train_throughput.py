@@ -51,10 +51,11 @@ def plain_loop(data: Path, model_name: str, batch_size: int, epochs: int, lr: fl
 
 
 def ray_run(data: Path, storage: str, model_name: str, batch_size: int, epochs: int, lr: float,
-            workers: int, cpus: float, sharded: bool) -> dict:
+            workers: int, cpus: float, sharded: bool, shuffle: bool = True) -> dict:
     cfg = TrainConfig.model_validate({
         "name": f"bench-{workers}-{sharded}", "data": {"path": str(data)},
-        "model": {"name": model_name}, "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+        "model": {"name": model_name},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "shuffle": shuffle},
         "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
         "sharding": {"enabled": sharded, "default_type": "table_wise"}, "storage_path": storage,
     })
@@ -86,6 +87,9 @@ def main() -> None:
             worker_cpus = max(os.cpu_count() - 1, 1)
             results["ray_train_1_worker"] = ray_run(data, tmp, *common, workers=1,
                                                     cpus=worker_cpus, sharded=False)
+            # The plain loop reads in file order: this run shows what the default shuffle costs.
+            results["ray_train_1_worker_unshuffled"] = ray_run(
+                data, tmp, *common, workers=1, cpus=worker_cpus, sharded=False, shuffle=False)
             results["ray_train_2_sharded_workers"] = ray_run(data, tmp, *common, workers=2,
                                                              cpus=worker_cpus / 2, sharded=True)
         finally:

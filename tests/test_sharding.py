@@ -5,13 +5,21 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 
+from recray import models
+from recray.data.jagged import to_batch
+from recray.data.schema import Schema
 from recray.data.simulate import WorldConfig, simulate
 from recray.platform.config import ConfigError, TrainConfig, parse
-from recray.platform.train import check_cluster_fits, fit, validate
+from recray.platform.sharding import embedding_optimizer_for, shard
+from recray.platform.train import _ensure_process_group, check_cluster_fits, fit, validate
 
-WORLD = WorldConfig(num_users=200, num_items=100, num_impressions=4096, seed=5)
+# 4109 impressions split 8:1:1 leave 411 valid and 411 test rows: odd, so two workers hold
+# uneven parts and the sharded (collective) evaluation must still score each row once.
+WORLD = WorldConfig(num_users=200, num_items=100, num_impressions=4109, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +88,54 @@ def test_two_sharded_workers_follow_the_one_worker_loss_curve(sim_dir, tmp_path,
     assert len(a) == len(b) == 3200 // 512  # the short last global batch is dropped
     np.testing.assert_allclose(a, b, atol=2e-4)
     assert abs(one["test_auc"] - two["test_auc"]) < 2e-3
+    for split in ("valid", "test"):
+        rows = pq.ParquetFile(sim_dir / f"{split}.parquet").metadata.num_rows
+        assert one[f"{split}_rows"] == two[f"{split}_rows"] == rows
+
+
+def test_sharded_embeddings_default_to_the_unsharded_optimizer(sim_dir, tmp_path):
+    """train.optimizer sgd: a one-rank DMP model whose embeddings get the default fused optimizer
+    takes the same steps as the unsharded model under torch.optim.SGD (it used fused Adagrad).
+    Adam has no fused CPU kernel: there the embeddings fall back to Adagrad, and the plan says so."""
+    import torch.distributed as dist
+
+    cfg = TrainConfig.model_validate(_cfg(sim_dir, tmp_path, train={"optimizer": "sgd", "lr": 0.3}))
+    schema = Schema.load(sim_dir)
+    table = pq.read_table(sim_dir / "train.parquet")
+    batches = [to_batch(table.slice(i * 256, 256), schema) for i in range(6)]
+
+    def losses(model, optimizer) -> list[float]:
+        out = []
+        for batch in batches:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.item())
+        return out
+
+    torch.manual_seed(0)
+    plain = models.build("dcnv2", schema)
+    expected = losses(plain, torch.optim.SGD(plain.parameters(), lr=0.3))
+    choice = embedding_optimizer_for(cfg.sharding, cfg.train, "cpu", world=1)
+    assert (choice.name, choice.lr) == ("sgd", 0.3)
+    _ensure_process_group()
+    try:
+        torch.manual_seed(0)
+        sharded, optimizer, _ = shard(
+            models.build("dcnv2", schema), default_type="table_wise", table_types={},
+            embedding_optimizer=choice.name, embedding_lr=choice.lr,
+            dense_optimizer=lambda params: torch.optim.SGD(params, lr=0.3), device=torch.device("cpu"))
+        got = losses(sharded, optimizer)
+    finally:
+        dist.destroy_process_group()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert expected[-1] < expected[0]  # it trains at all
+
+    adam = TrainConfig.model_validate(_cfg(sim_dir, tmp_path))
+    fallback = embedding_optimizer_for(adam.sharding, adam.train, "cpu", world=2)
+    assert fallback.name == "adagrad"
+    assert "train.optimizer 'adam' has no fused cpu kernel" in str(fallback)
+    assert embedding_optimizer_for(adam.sharding, adam.train, "cuda", world=2).name == "adam"
+    sgd_on_two = embedding_optimizer_for(cfg.sharding, cfg.train, "cpu", world=2)
+    assert sgd_on_two.lr == 0.15 and "lr = train.lr / workers" in str(sgd_on_two)

@@ -61,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
             "storage_path": str(out / "runs"),
         })
         run_started = time.perf_counter()
-        metrics = fit(cfg)["metrics"]
+        result = fit(cfg)
+        metrics = result["metrics"]
         rows.append({"model": name, "test_auc": metrics["test_auc"],
                      "test_logloss": metrics["test_logloss"], "valid_auc": metrics["valid_auc"],
-                     "seconds": time.perf_counter() - run_started})
+                     "seconds": time.perf_counter() - run_started, "run_dir": result["run_dir"]})
 
     table = format_table(rows, oracle["test"])
     report = {"oracle": oracle, "models": rows, "seconds": time.perf_counter() - started}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -127,14 +126,14 @@ def _new_run_name(cfg: TrainConfig) -> str:
         return f"{cfg.name}-{stamp}"
     root = Path(cfg.storage_path)
     root.mkdir(parents=True, exist_ok=True)
-    for attempt in itertools.count():
-        name = f"{cfg.name}-{stamp}" + (f"-{attempt}" if attempt else "")
+    name, attempt = f"{cfg.name}-{stamp}", 0
+    while True:
         try:
             (root / name).mkdir()
             return name
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+        except FileExistsError:  # another run of this name started in the same second
+            attempt += 1
+            name = f"{cfg.name}-{stamp}-{attempt}"
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
