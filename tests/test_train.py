@@ -155,6 +155,7 @@ def ordered_dir(tmp_path_factory):
     return out, rows
 
 
+@pytest.mark.ray
 def test_epochs_are_shuffled_seeded_and_differ(ordered_dir, tmp_path, ray_local):
     """Default config: each epoch is a permutation of the train rows, far from file order,
     different from the other epochs, the same for the same seed; with global_batches the two
