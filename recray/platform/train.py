@@ -562,11 +562,12 @@ def split_datasets(cfg: TrainConfig) -> dict[str, Any]:
     return datasets
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
+def fit(cfg: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Validate, then run the TorchTrainer; return the final metrics, checkpoint and run folder.
 
     A run gets a new folder `<name>-<timestamp>` under storage_path; `resume: RUN` continues
-    RUN from its last checkpoint instead.
+    RUN from its last checkpoint instead. `callbacks` go to Ray Train's RunConfig (a Tune trial
+    passes a TuneReportCallback; Train's local mode calls none).
     """
     schema = validate(cfg)
 
@@ -605,6 +606,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=split_datasets(cfg),
         dataset_config=ExactEvalSplits(
@@ -623,8 +625,27 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             f"train.lr (now {cfg.train.lr:g}) or look for NaN/inf in the data; the run's last "
             "checkpoint holds the last finite weights"
         )
+    if result.checkpoint and not _is_uri(run_dir):
+        _write_servable_run(result.checkpoint, run_dir, cfg, schema, metrics)
     return {
         "metrics": metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "run_dir": run_dir,
     }
+
+
+def _write_servable_run(checkpoint, run_dir: str, cfg: TrainConfig, schema: Schema,
+                        metrics: dict[str, Any]) -> None:
+    """Leave the run folder `recray serve` loads: config, schema, final weights, metrics."""
+    from recray import models
+    from recray.platform.run_folder import _load_dcp, write_run_folder
+
+    with checkpoint.as_directory() as folder:
+        if cfg.sharding.enabled:  # DCP shards resharded into one plain model, no process group
+            model = models.build(cfg.model.name, schema, **cfg.model.hparams)
+            _load_dcp(model, Path(folder) / "dcp")
+            weights = model.state_dict()
+        else:
+            weights = torch.load(Path(folder) / "state.pt", map_location="cpu",
+                                 weights_only=True)["model"]
+    write_run_folder(run_dir, cfg, schema, weights, metrics)
