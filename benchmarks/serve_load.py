@@ -57,7 +57,7 @@ function request()
   return wrk.format(nil, "/v1/rank", nil, bodies[i])
 end
 function response(status, headers, body)
-  local b = body:match('"batch_requests":(%d+)')
+  local b = body:match('"batch_requests": ?(%d+)')
   if b then seen = seen + 1; inverse = inverse + 1 / tonumber(b) end
 end
 function done(summary, latency, requests)
