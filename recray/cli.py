@@ -15,6 +15,7 @@ VERBS = {
     "submit": "submit a job to a Ray cluster (JobSubmissionClient) and follow it",
     "simulate": "simulator tools: calibrate a world to a real log",
     "serve": "serve a trained run folder on Ray Serve (/v1/rank, A/B variants, autoscaling)",
+    "tune": "search architectures on Ray Tune: AUC vs serving latency, Pareto front, best/ export",
 }
 
 
