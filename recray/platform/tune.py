@@ -186,11 +186,7 @@ def validate_search(cfg: TuneConfig) -> Schema:
         field = key.split(".", 1)[1]
         for value in domain.edges():
             trial = {**base, "train": {**base["train"], field: value}}
-            try:
-                TrainConfig.model_validate(trial)
-            except Exception as e:
-                raise ConfigError(f"search.space.{key}: value {value!r} is refused: "
-                                  f"{_first_line(e)}") from None
+            parse(TrainConfig, trial, f"search.space.{key}: value {value!r} is refused")
     for family, space in cfg.search.models.items():
         if family not in models.available():
             raise ConfigError(f"search.models.{family}: unknown model; available: "

@@ -1,0 +1,268 @@
+"""recray tune: the search section fails before any trial naming the field; the front and the
+budget pick against brute force; one real search, killed and resumed, exports what train and
+serve take."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from recray.data.jagged import to_batch
+from recray.data.simulate import WorldConfig, simulate
+from recray.platform.config import ConfigError, TrainConfig, load_train_config
+from recray.platform.run_folder import load_run_folder
+from recray.platform.train import validate
+from recray.platform.tune import (
+    TuneConfig,
+    load_tune_config,
+    pareto_front,
+    pick_best,
+    trial_config,
+    tune_search,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_WORLD = WorldConfig(num_users=300, num_items=200, num_impressions=6007, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    simulate(out, SMALL_WORLD)
+    return out
+
+
+def _config(sim_dir, tmp_path) -> dict:
+    return {
+        "name": "t",
+        "data": {"path": str(sim_dir)},
+        "model": {"name": "dcnv2"},
+        "train": {"epochs": 2, "batch_size": 512, "lr": 0.01},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "storage_path": str(tmp_path / "runs"),
+        "search": {
+            "num_samples": 1,
+            "space": {"train.lr": {"loguniform": [0.003, 0.03]}},
+            "models": {"lr": {}, "dcnv2": {"cross_layers": {"choice": [1, 2]}}},
+            "latency": {"repeats": 20, "warmup": 2},
+        },
+    }
+
+
+def _write(tmp_path, cfg: dict) -> Path:
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _set(cfg: dict, changes: dict) -> dict:
+    """Apply {"a/b": value} changes; None deletes the key."""
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes,pattern",
+    [
+        ({"search/space": {}, "search/models": {"dcnv2": {}}}, r"search: the space is empty"),
+        ({"search/models": {"transformer9": {}}}, r"search\.models\.transformer9: unknown model"),
+        ({"search/models": {"dcnv2": {"heads": {"choice": [1]}}}},
+         r"search\.models\.dcnv2\.heads: dcnv2 has no such hparam; its hparams are \["),
+        ({"search/models": {"dcnv2": {"cross_layers": {"randint": [0, 3]}}}},
+         r"search\.models\.dcnv2\.cross_layers: value 0 is refused"),
+        ({"search/models": {"din": {"hidden": {"choice": [[64], [0]]}}}},
+         r"search\.models\.din\.hidden: value \[0\] is refused"),
+        ({"search/models": {"dcnv2": {"hidden": [64]}}},
+         r"search\.models\.dcnv2\.hidden: Input should be a valid dictionary"),
+        ({"search/space": {"train.lr": {"uniform": [0.1, 0.01]}}},
+         r"search\.space\.train\.lr: Value error, uniform: \[0\.1, 0\.01\] is empty"),
+        ({"search/space": {"train.lr": {"loguniform": [0, 0.01]}}},
+         r"search\.space\.train\.lr: Value error, loguniform: low 0\.0 must be above 0"),
+        ({"search/space": {"train.lr": {"choice": [0.01], "uniform": [0.1, 0.2]}}},
+         r"search\.space\.train\.lr: Value error, give exactly one of choice"),
+        ({"search/space": {"train.lr": {"choice": []}}}, r"search\.space\.train\.lr\.choice: "),
+        ({"search/space": {"train.weight_decay": {"uniform": [-1.0, 0.1]}}},
+         r"search\.space\.train\.weight_decay: value -1\.0 is refused: .*greater than or equal to 0"),
+        ({"search/space": {"model.hparams.hidden": {"choice": [[8]]}}},
+         r"search: Value error, space\.model\.hparams\.hidden: not a train setting"),
+        ({"search/space": {"train.epochs": {"choice": [1, 2]}}},
+         r"space\.train\.epochs: the epochs are the scheduler's budget"),
+        ({"search/scheduler": {"name": "asha2"}},
+         r"search\.scheduler\.name: 'asha2' is not a Tune scheduler"),
+        ({"search/scheduler": {"name": "asha", "options": {"grace": 1}}},
+         r"search\.scheduler\.options: \['grace'\] are not options of async_hyperband"),
+        ({"search/scheduler": {"name": "asha", "options": {"grace_period": 5}}},
+         r"search\.scheduler\.options: async_hyperband refuses .* train\.epochs=2"),
+        ({"search/num_samples": 0}, r"search\.num_samples: .*greater than 0"),
+        ({"search/max_latency_ms": -1}, r"search\.max_latency_ms: .*greater than 0"),
+        ({"search/samples": 3}, r"search\.samples: Extra inputs are not permitted"),
+        ({"scaling/num_workers": 0}, r"scaling\.num_workers: 0 \(Ray Train's local mode\)"),
+        ({"search": None}, r"search: missing"),
+    ],
+)
+def test_bad_search_sections_fail_before_any_trial_naming_the_field(
+    sim_dir, tmp_path, changes, pattern
+):
+    cfg = _set(_config(sim_dir, tmp_path), changes)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=pattern):
+        tune_search(load_tune_config(_write(tmp_path, cfg)))
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "runs").exists()  # no tune folder: nothing started
+
+
+def test_the_cli_reports_a_bad_search_with_exit_2_and_the_field(sim_dir, tmp_path):
+    cfg = _config(sim_dir, tmp_path)
+    cfg["search"]["models"]["dcnv2"] = {"cross_layers": {"randint": [3, 3]}}
+    done = subprocess.run(
+        [sys.executable, "-m", "recray.cli", "tune", str(_write(tmp_path, cfg))],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "search.models.dcnv2.cross_layers" in done.stderr and "is empty" in done.stderr
+
+
+def test_a_trial_config_takes_its_family_its_hparams_and_its_train_values(sim_dir, tmp_path):
+    cfg = TuneConfig.model_validate(_config(sim_dir, tmp_path) | {
+        "model": {"name": "dcnv2", "hparams": {"structure": "parallel"}}})
+    params = {"family": "din", "train": {"lr": 0.02, "batch_size": 64},
+              "hparams": {"dcnv2": {"cross_layers": 2}, "din": {"attention_heads": 4}}}
+    trial = trial_config(cfg.base(), params)
+    assert (trial.model.name, trial.model.hparams) == ("din", {"attention_heads": 4})
+    assert (trial.train.lr, trial.train.batch_size, trial.train.epochs) == (0.02, 64, 2)
+    # The base model's fixed hparams stay with its own family only.
+    params["family"] = "dcnv2"
+    assert trial_config(cfg.base(), params).model.hparams == {"structure": "parallel",
+                                                              "cross_layers": 2}
+
+
+def _dominated(points, i) -> bool:
+    return any(
+        a >= points[i][0] and t <= points[i][1] and (a, t) != points[i]
+        for j, (a, t) in enumerate(points) if j != i
+    )
+
+
+def test_pareto_front_is_exactly_the_undominated_points():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        # Coarse values, so equal AUCs and equal latencies (ties) occur often.
+        points = [(rng.randint(0, 5) / 10, rng.randint(0, 5)) for _ in range(n)]
+        front = pareto_front(points)
+        undominated = {i for i in range(n) if not _dominated(points, i)}
+        # Duplicated points: the front keeps one of each.
+        assert {points[i] for i in front} == {points[i] for i in undominated}
+        assert len(front) == len({points[i] for i in front})
+        assert [points[i][1] for i in front] == sorted(points[i][1] for i in front)
+
+
+def test_the_budget_picks_the_best_auc_within_it_and_names_the_fastest_when_none_fits():
+    rng = np.random.default_rng(1)
+    trials = [{"trial": f"t{i}", "family": "dnn", "status": status, "valid_auc": auc,
+               "p99_ms": p99}
+              for i, (status, auc, p99) in enumerate(zip(
+                  itertools.cycle(["finished", "finished", "stopped"]), rng.uniform(0.6, 0.8, 30),
+                  rng.uniform(1, 20, 30), strict=False))]
+    for budget in (None, 3.0, 8.0, 19.0):
+        chosen = pick_best(trials, budget)
+        pool = [t for t in trials if t["status"] == "finished"
+                and (budget is None or t["p99_ms"] <= budget)]
+        assert chosen["valid_auc"] == max(t["valid_auc"] for t in pool)
+    fastest = min((t for t in trials if t["status"] == "finished"), key=lambda t: t["p99_ms"])
+    with pytest.raises(ConfigError, match=rf"--max-latency-ms: no finished trial serves within "
+                                          rf"0\.5 ms .* trial {fastest['trial']} \(dnn\)"):
+        pick_best(trials, 0.5)
+
+
+# --- one real search, its driver killed, resumed ---------------------------------------------------
+def _finished_runs(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.glob("trials/*/metrics.json"))
+
+
+def _test_auc_of(run_dir: Path, data_dir: Path) -> float:
+    """The run's test AUC scored here, by sklearn over every test row."""
+    run = load_run_folder(run_dir)
+    table = pq.read_table(data_dir / "test.parquet")
+    with torch.no_grad():
+        probs = torch.sigmoid(run.model(to_batch(table, run.schema))).numpy()[:, 0]
+    return roc_auc_score(table.column(run.schema.labels[0]).to_numpy(), probs)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_take(
+    sim_dir, tmp_path
+):
+    cfg = _config(sim_dir, tmp_path)
+    path = _write(tmp_path, cfg)
+    command = [sys.executable, "-m", "recray.cli", "tune", str(path)]
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log,
+                              start_new_session=True)
+    deadline = time.monotonic() + 600
+    folder = None
+    while time.monotonic() < deadline and driver.poll() is None:
+        folders = list((tmp_path / "runs").glob("t-*"))
+        if folders and _finished_runs(folders[0]):
+            folder = folders[0]
+            break
+        time.sleep(1)
+    assert folder is not None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray die together, mid-search
+    driver.wait()
+    first = _finished_runs(folder)
+    assert len(first) == 1 and not (folder / "trials.csv").exists()
+
+    done = subprocess.run(command + ["--resume", "--max-latency-ms", "1000"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout and "Pareto front" in done.stdout
+
+    rows = list(csv.DictReader(open(folder / "trials.csv")))
+    # Every trial once: two families x one sample; the trial finished before the kill kept its
+    # one run folder (not rerun), the other ran to the end after the restore.
+    assert sorted(r["family"] for r in rows) == ["dcnv2", "lr"]
+    assert len({r["trial"] for r in rows}) == 2
+    assert all(r["status"] == "finished" for r in rows)
+    runs = _finished_runs(folder)
+    assert len(runs) == 2 and first[0] in runs
+    first_trial = first[0].name.split("-")[1]
+    assert len(list((folder / "trials").glob(f"t-{first_trial}-*"))) == 1
+    for name in ("pareto.csv", "pareto.png", "summary.json", "best/train.yaml"):
+        assert (folder / name).is_file(), name
+
+    # best/train.yaml is a config `recray train` takes as it is: its checks pass, and it names
+    # the chosen trial's model and values.
+    best_row = max(rows, key=lambda r: float(r["valid_auc"]))
+    best_train = load_train_config(folder / "best" / "train.yaml")
+    validate(best_train)
+    assert best_train.model.name == best_row["family"]
+    assert isinstance(best_train, TrainConfig) and best_train.train.epochs == 2
+    # best/model is a run folder serve loads; its weights score the test split as the trial did.
+    assert _test_auc_of(folder / "best" / "model", sim_dir) == pytest.approx(
+        float(best_row["test_auc"]), abs=1e-6)
