@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from recray import cli
 from recray.data.jagged import to_batch
 from recray.data.simulate import WorldConfig, simulate
 from recray.platform.config import ConfigError, TrainConfig, load_train_config
@@ -133,15 +136,12 @@ def test_bad_search_sections_fail_before_any_trial_naming_the_field(
     assert not (tmp_path / "runs").exists()  # no tune folder: nothing started
 
 
-def test_the_cli_reports_a_bad_search_with_exit_2_and_the_field(sim_dir, tmp_path):
+def test_the_cli_reports_a_bad_search_with_exit_2_and_the_field(sim_dir, tmp_path, capsys):
     cfg = _config(sim_dir, tmp_path)
     cfg["search"]["models"]["dcnv2"] = {"cross_layers": {"randint": [3, 3]}}
-    done = subprocess.run(
-        [sys.executable, "-m", "recray.cli", "tune", str(_write(tmp_path, cfg))],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    assert "search.models.dcnv2.cross_layers" in done.stderr and "is empty" in done.stderr
+    assert cli.main(["tune", str(_write(tmp_path, cfg))]) == 2
+    stderr = capsys.readouterr().err
+    assert "search.models.dcnv2.cross_layers" in stderr and "is empty" in stderr
 
 
 def test_a_trial_config_takes_its_family_its_hparams_and_its_train_values(sim_dir, tmp_path):
@@ -202,6 +202,18 @@ def _finished_runs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob("trials/*/metrics.json"))
 
 
+def _terminated_trials(folder: Path) -> list[str]:
+    """Trials that Tune's saved experiment state (what a restore reads) records as finished."""
+    ids = []
+    for state in folder.glob("experiment/experiment_state-*.json"):
+        try:
+            trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+        except (ValueError, KeyError):  # caught mid-write
+            continue
+        ids += [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
+    return ids
+
+
 def _test_auc_of(run_dir: Path, data_dir: Path) -> float:
     """The run's test AUC scored here, by sklearn over every test row."""
     run = load_run_folder(run_dir)
@@ -228,7 +240,7 @@ def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_
     folder = None
     while time.monotonic() < deadline and driver.poll() is None:
         folders = list((tmp_path / "runs").glob("t-*"))
-        if folders and _finished_runs(folders[0]):
+        if folders and _terminated_trials(folders[0]):
             folder = folders[0]
             break
         time.sleep(1)
@@ -237,6 +249,7 @@ def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_
     driver.wait()
     first = _finished_runs(folder)
     assert len(first) == 1 and not (folder / "trials.csv").exists()
+    assert first[0].name.split("-")[1] == _terminated_trials(folder)[0]
 
     done = subprocess.run(command + ["--resume", "--max-latency-ms", "1000"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -266,3 +279,16 @@ def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_
     # best/model is a run folder serve loads; its weights score the test split as the trial did.
     assert _test_auc_of(folder / "best" / "model", sim_dir) == pytest.approx(
         float(best_row["test_auc"]), abs=1e-6)
+
+
+def test_submit_checks_a_tune_config_and_its_data_before_submitting(tmp_path):
+    from recray.platform.submit import check_config
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "tune-sim.yaml", tmp_path / "configs")
+    uploaded = {"configs/tune-sim.yaml"}
+    check_config("configs/tune-sim.yaml", tmp_path, uploaded, {"data.path": "s3://bucket/sim"})
+    with pytest.raises(ConfigError, match=r"data\.path: 'data/sim' on the cluster"):
+        check_config("configs/tune-sim.yaml", tmp_path, uploaded)
+    with pytest.raises(ConfigError, match=r"search\.num_samples: "):
+        check_config("configs/tune-sim.yaml", tmp_path, uploaded, {"search.num_samples": 0})

@@ -7,7 +7,7 @@ import sys
 
 from recray.jobs import main_for
 
-SUBMITTABLE = ("train",)  # grows with the verbs that take --config (tune, serve, abtest)
+SUBMITTABLE = ("train", "tune")  # grows with the verbs that take --config (serve, abtest)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from zipfile import ZipFile
 
 from recray.data import SPLITS
-from recray.platform.config import ConfigError, load_train_config
+from recray.platform.config import ConfigError, load_train_config, load_yaml
 
 # The working directory travels to the cluster; these never should (the venv alone is GBs). Ray
 # reads them as .gitignore patterns, which match at any depth unless anchored: a bare `data` would
@@ -67,7 +67,11 @@ def check_config(
             f"config: {config} is not in the job's upload of {working_dir} (missing there, or left "
             "out by Ray's excludes, a .gitignore or a .rayignore)"
         )
-    data_path = load_train_config(working_dir / config, overrides).data.path
+    # a tune config is a train config plus its search: section, checked as such
+    from recray.platform.tune import load_tune_config
+
+    load = load_tune_config if "search" in load_yaml(working_dir / config) else load_train_config
+    data_path = load(working_dir / config, overrides).data.path
     if "://" in data_path or posixpath.isabs(data_path) or data_path.startswith("~"):
         return
     missing = [f for f in DATA_FILES if posixpath.normpath(f"{data_path}/{f}") not in uploaded]
