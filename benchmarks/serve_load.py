@@ -29,7 +29,7 @@ import numpy as np
 
 SIZES = {
     "full": {"vocab": 100_000, "candidates": 100, "seconds": 8, "concurrency": [1, 8, 32, 64],
-             "step": [(4, 14), (48, 30), (4, 36)], "kill_seconds": 15},
+             "step": [(4, 14), (48, 44), (4, 40)], "kill_seconds": 15},
     "smoke": {"vocab": 1000, "candidates": 20, "seconds": 2, "concurrency": [1, 8],
               "step": [(2, 6), (32, 12), (2, 16)], "kill_seconds": 8},
 }
@@ -215,21 +215,27 @@ def deploy(run_dir: Path, port: int, **options: Any) -> str:
     return url
 
 
-def replicas_running() -> int:
+def deployment_details() -> dict[str, Any]:
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()
-    replicas = details["applications"]["recray"]["deployments"]["Ranker"]["replicas"]
-    return sum(r["state"] == "RUNNING" for r in replicas)
+    return _get_global_client().get_serve_details()["applications"]["recray"]["deployments"][
+        "Ranker"]
+
+
+def replicas_running() -> int:
+    return sum(r["state"] == "RUNNING" for r in deployment_details()["replicas"])
 
 
 def load_step(url: str, folder: Path, size: dict) -> dict[str, Any]:
     """Low, high, low load in CHUNK_S wrk runs, replicas sampled every second meanwhile."""
     started, samples, stop = time.time(), [], threading.Event()
 
-    def sample() -> None:
+    def sample() -> None:  # [seconds, replicas running, replicas the autoscaler wants]
         while not stop.is_set():
-            samples.append([round(time.time() - started, 1), replicas_running()])
+            details = deployment_details()
+            running = sum(r["state"] == "RUNNING" for r in details["replicas"])
+            samples.append([round(time.time() - started, 1), running,
+                            details["target_num_replicas"]])
             stop.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -246,20 +252,19 @@ def load_step(url: str, folder: Path, size: dict) -> dict[str, Any]:
     return {"replicas_over_time": samples, "chunks": chunks,
             "requests": sum(c["requests"] for c in chunks),
             "failed_requests": sum(c["errors"] for c in chunks),
-            "replica_path": [n for i, (_, n) in enumerate(samples) if i == 0 or samples[i - 1][1] != n]}
+            "replica_path": [s[1] for i, s in enumerate(samples)
+                             if i == 0 or samples[i - 1][1] != s[1]]}
 
 
 def replica_kill(url: str, folder: Path, size: dict) -> dict[str, Any]:
     """Kill one of two replicas a third of the way into a c=32 run; Serve starts a new one."""
     import ray
-    from ray.serve.context import _get_global_client
 
     result: dict[str, Any] = {}
     load = threading.Thread(target=lambda: result.update(wrk(url, folder, 32, size["kill_seconds"])))
     load.start()
     time.sleep(size["kill_seconds"] / 3)
-    details = _get_global_client().get_serve_details()
-    victim = details["applications"]["recray"]["deployments"]["Ranker"]["replicas"][0]
+    victim = deployment_details()["replicas"][0]
     ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
     killed = time.time()
     load.join()
@@ -281,7 +286,10 @@ def plot(autoscale: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("requests/s")
     axes[1].step(t, [c["p99_ms"] for c in autoscale["chunks"]], where="pre")
     axes[1].set_ylabel("p99 ms")
-    axes[2].step(*zip(*autoscale["replicas_over_time"], strict=True), where="post")
+    seconds, running, target = zip(*autoscale["replicas_over_time"], strict=True)
+    axes[2].step(seconds, running, where="post", label="running")
+    axes[2].step(seconds, target, where="post", linestyle="--", label="target")
+    axes[2].legend()
     axes[2].set_ylabel("replicas")
     axes[2].set_xlabel("seconds")
     fig.suptitle("recray serve autoscaling: load low -> high -> low")
@@ -346,7 +354,8 @@ def main() -> None:
                        "metrics_interval_s": 1}
         url = deploy(run_dir, port, autoscaling=autoscaling, **fixed)
         results += sweep("serve_autoscale", url, folder, size, size["candidates"])
-        while replicas_running() > 1:  # let it settle back before the step
+        # Back to one replica (the sweep's c=64 scaled it up) before the step starts.
+        while [r["state"] for r in deployment_details()["replicas"]] != ["RUNNING"]:
             time.sleep(1)
         autoscale = load_step(url, folder, size)
         print("autoscale", autoscale["replica_path"], autoscale["failed_requests"], flush=True)
