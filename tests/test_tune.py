@@ -257,21 +257,24 @@ def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_
     assert "resuming" in done.stdout and "Pareto front" in done.stdout
 
     rows = list(csv.DictReader(open(folder / "trials.csv")))
-    # Every trial once: two families x one sample; the trial finished before the kill kept its
-    # one run folder (not rerun), the other ran to the end after the restore.
-    assert sorted(r["family"] for r in rows) == ["dcnv2", "lr"]
-    assert len({r["trial"] for r in rows}) == 2
-    assert all(r["status"] == "finished" for r in rows)
-    runs = _finished_runs(folder)
-    assert len(runs) == 2 and first[0] in runs
+    # Every trial once: two families x one sample. The trial finished before the kill kept its
+    # one run folder (not rerun); the other ran after the restore, to the end or until ASHA
+    # stopped it at epoch 1.
+    statuses = {r["trial"]: (r["family"], r["status"], int(r["epochs_done"])) for r in rows}
+    assert len(rows) == 2 and sorted(f for f, _, _ in statuses.values()) == ["dcnv2", "lr"]
     first_trial = first[0].name.split("-")[1]
+    assert statuses[first_trial][1:] == ("finished", 2)
+    assert all((s, e) in {("finished", 2), ("stopped", 1)} for _, s, e in statuses.values())
     assert len(list((folder / "trials").glob(f"t-{first_trial}-*"))) == 1
+    runs = _finished_runs(folder)
+    assert first[0] in runs and len(runs) == sum(s == "finished" for _, s, _ in statuses.values())
     for name in ("pareto.csv", "pareto.png", "summary.json", "best/train.yaml"):
         assert (folder / name).is_file(), name
 
     # best/train.yaml is a config `recray train` takes as it is: its checks pass, and it names
     # the chosen trial's model and values.
-    best_row = max(rows, key=lambda r: float(r["valid_auc"]))
+    best_row = max((r for r in rows if r["status"] == "finished"),
+                   key=lambda r: float(r["valid_auc"]))
     best_train = load_train_config(folder / "best" / "train.yaml")
     validate(best_train)
     assert best_train.model.name == best_row["family"]

@@ -193,6 +193,10 @@ def validate_search(cfg: TuneConfig) -> Schema:
                               f"{models.available()}")
         fields = models.MODELS[family].Hparams.model_fields
         fixed = cfg.model.hparams if family == cfg.model.name else {}
+        try:
+            models.build(family, schema, **fixed)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"search.models.{family}: cannot build on this data: {e}") from None
         for hparam, domain in space.items():
             if hparam not in fields:
                 raise ConfigError(f"search.models.{family}.{hparam}: {family} has no such "
