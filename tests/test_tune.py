@@ -295,3 +295,10 @@ def test_submit_checks_a_tune_config_and_its_data_before_submitting(tmp_path):
         check_config("configs/tune-sim.yaml", tmp_path, uploaded)
     with pytest.raises(ConfigError, match=r"search\.num_samples: "):
         check_config("configs/tune-sim.yaml", tmp_path, uploaded, {"search.num_samples": 0})
+
+
+@pytest.mark.parametrize("name", ["tune-sim.yaml", "tune-movielens.yaml"])
+def test_the_shipped_search_configs_pass_every_check(sim_dir, name):
+    from recray.platform.tune import validate_search
+
+    validate_search(load_tune_config(REPO / "configs" / name, {"data.path": str(sim_dir)}))
