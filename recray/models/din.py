@@ -9,7 +9,7 @@ from torch import nn
 from recray.data.jagged import Batch
 from recray.data.schema import Schema
 from recray.kernels import jagged_target_attention
-from recray.models.layers import MLP, FeatureEmbedding, MLPHparams
+from recray.models.layers import MLP, FeatureEmbedding, MLPHparams, sequence_targets
 
 
 class DIN(nn.Module):
@@ -32,7 +32,7 @@ class DIN(nn.Module):
         hp = hparams or self.Hparams()
         self.heads, self.head_dim = hp.attention_heads, hp.attention_dim
         self.embedding = FeatureEmbedding(schema)
-        self.targets = _targets(schema, hp.targets)
+        self.targets = sequence_targets(schema, hp.targets, "din")
         width = self.heads * self.head_dim
         dims = self.embedding.dims
         self.query = nn.ModuleDict({s: nn.Linear(dims[t], width) for s, t in self.targets.items()})
@@ -55,30 +55,3 @@ class DIN(nn.Module):
             interests.append(jagged_target_attention(q, k, v, offsets).flatten(1))
         return self.mlp(torch.cat([*interests, *pooled.values(), batch.dense], 1))
 
-
-def _targets(schema: Schema, overrides: dict[str, str]) -> dict[str, str]:
-    """Sequence feature -> the sparse feature whose embedding is its attention query."""
-    sequence_names = [f.name for f in schema.sequence_features]
-    sparse_names = [f.name for f in schema.sparse_features]
-    for sequence, target in overrides.items():
-        if sequence not in sequence_names:
-            raise ValueError(
-                f"targets: {sequence!r} is not a sequence feature; sequence features are "
-                f"{sequence_names}"
-            )
-        if target not in sparse_names:
-            raise ValueError(
-                f"targets[{sequence!r}]: {target!r} is not a sparse feature; sparse features are "
-                f"{sparse_names}"
-            )
-    targets = {}
-    for sequence in schema.sequence_features:
-        on_table = [f.name for f in schema.sparse_features if f.table_name == sequence.table_name]
-        if sequence.name not in overrides and not on_table:
-            raise ValueError(
-                f"din: sequence feature {sequence.name!r} has no sparse feature on its table "
-                f"{sequence.table_name!r} to attend from; pass targets={{{sequence.name!r}: "
-                f"<one of {sparse_names}>}}"
-            )
-        targets[sequence.name] = overrides.get(sequence.name) or on_table[0]
-    return targets

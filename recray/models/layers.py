@@ -1,4 +1,4 @@
-"""Layers the model zoo shares: TorchRec feature embeddings, MLP, DCN-v2 cross net, FM, linear part."""
+"""Layers the model zoo shares: TorchRec feature embeddings, tokens, MLP, cross nets, FM, RankMixer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections import Counter
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
@@ -228,3 +229,183 @@ class FirstOrder(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         out = sum(self.weights.fields(batch.sparse), self.bias.expand(len(batch), -1))
         return out + self.dense(batch.dense) if self.dense is not None else out
+
+
+class FieldTokens(nn.Module):
+    """Every feature as one `dim`-wide token `[B, F, dim]`: id fields (a bias-free Linear where
+    their width differs), then each dense value times a learned vector.
+
+    Sequences are mean-pooled into a token, or with `keep_sequences` returned jagged (projected
+    to `dim`) beside the tokens for the models that attend over them.
+    """
+
+    def __init__(self, schema: Schema, dim: int, keep_sequences: bool = False) -> None:
+        super().__init__()
+        self.embedding = FeatureEmbedding(schema)
+        self.dim = dim
+        self.keep_sequences = keep_sequences
+        kept = set(self.embedding.sequence_names) if keep_sequences else set()
+        self.token_names = [n for n in self.embedding.id_names if n not in kept]
+        self.projections = nn.ModuleDict(
+            {
+                name: nn.Linear(width, dim, bias=False)
+                for name, width in self.embedding.dims.items()
+                if width != dim
+            }
+        )
+        num_dense = len(schema.dense_features)
+        self.dense_vectors = (
+            nn.Parameter(torch.randn(num_dense, dim) / dim**0.5) if num_dense else None
+        )
+        self.num_tokens = len(self.token_names) + num_dense
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.projections[name](x) if name in self.projections else x
+
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """-> (tokens `[B, F, dim]`, `{sequence: (values [T, dim], offsets [B+1])}` if kept)."""
+        pooled, sequences = self.embedding(batch.sparse)
+        jagged = {}
+        for name, (values, offsets) in sequences.items():
+            if self.keep_sequences:
+                jagged[name] = (self._project(name, values), offsets)
+            else:
+                pooled[name] = segment_pool(values, offsets[1:] - offsets[:-1], "mean")
+        tokens = [self._project(name, pooled[name]) for name in self.token_names]
+        stacked = (
+            torch.stack(tokens, 1) if tokens else batch.dense.new_zeros(len(batch), 0, self.dim)
+        )
+        if self.dense_vectors is not None:
+            stacked = torch.cat([stacked, batch.dense[:, :, None] * self.dense_vectors], 1)
+        return stacked, jagged
+
+
+def sequence_targets(schema: Schema, overrides: dict[str, str], model: str) -> dict[str, str]:
+    """Sequence feature -> the sparse feature that is its candidate (target).
+
+    By default the first sparse feature on the sequence's table (`item_id` for a `history` on
+    table item_id); `overrides` names another.
+    """
+    sequence_names = [f.name for f in schema.sequence_features]
+    sparse_names = [f.name for f in schema.sparse_features]
+    for sequence, target in overrides.items():
+        if sequence not in sequence_names:
+            raise ValueError(
+                f"targets: {sequence!r} is not a sequence feature; sequence features are "
+                f"{sequence_names}"
+            )
+        if target not in sparse_names:
+            raise ValueError(
+                f"targets[{sequence!r}]: {target!r} is not a sparse feature; sparse features are "
+                f"{sparse_names}"
+            )
+    targets = {}
+    for sequence in schema.sequence_features:
+        on_table = [f.name for f in schema.sparse_features if f.table_name == sequence.table_name]
+        if sequence.name not in overrides and not on_table:
+            raise ValueError(
+                f"{model}: sequence feature {sequence.name!r} has no sparse feature on its table "
+                f"{sequence.table_name!r} to attend from; pass targets={{{sequence.name!r}: "
+                f"<one of {sparse_names}>}}"
+            )
+        targets[sequence.name] = overrides.get(sequence.name) or on_table[0]
+    return targets
+
+
+def require_sequences(schema: Schema, model: str) -> None:
+    """A sequence model on a schema without a sequence feature is a configuration error."""
+    if not schema.sequence_features:
+        raise ValueError(
+            f"{model}: needs a sequence feature (kind: sequence, e.g. the user's history); "
+            f"the schema has only {[f.name for f in schema.features]}"
+        )
+
+
+class Tokenizer(nn.Module):
+    """RankMixer tokenisation: a flat feature vector cut into `tokens` contiguous chunks (sizes
+    differing by at most one), each projected to `dim` by its own Linear -> `[B, tokens, dim]`."""
+
+    def __init__(self, in_dim: int, tokens: int, dim: int, model: str) -> None:
+        super().__init__()
+        if in_dim < tokens:
+            raise ValueError(
+                f"{model}: tokens={tokens} is more than the {in_dim} feature values to split "
+                "into tokens; lower tokens"
+            )
+        self.sizes = [len(chunk) for chunk in torch.arange(in_dim).tensor_split(tokens)]
+        self.projections = nn.ModuleList(nn.Linear(size, dim) for size in self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = x.split(self.sizes, 1)
+        return torch.stack([p(c) for p, c in zip(self.projections, chunks, strict=True)], 1)
+
+
+def token_mixing(x: torch.Tensor) -> torch.Tensor:
+    """RankMixer's parameter-free mixing: each of T tokens is cut into T heads and new token h is
+    head h of every token, concatenated; `[B, T, D]` -> `[B, T, D]` (needs D % T == 0)."""
+    batch, tokens, dim = x.shape
+    return x.view(batch, tokens, tokens, dim // tokens).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+class PerTokenFFN(nn.Module):
+    """A separate two-layer GELU FFN per token; with `experts` > 0, per token a sparse MoE whose
+    experts are mixed by ReLU routing (a gate that is exactly zero for the experts it switches
+    off, instead of a softmax top-k)."""
+
+    def __init__(self, tokens: int, dim: int, hidden: int, experts: int = 0) -> None:
+        super().__init__()
+        self.experts = experts
+        shape = (tokens, experts) if experts else (tokens,)
+        self.w_in = nn.Parameter(torch.randn(*shape, dim, hidden) / dim**0.5)
+        self.b_in = nn.Parameter(torch.zeros(*shape, hidden))
+        self.w_out = nn.Parameter(torch.randn(*shape, hidden, dim) / hidden**0.5)
+        self.b_out = nn.Parameter(torch.zeros(*shape, dim))
+        self.router = (
+            nn.Parameter(torch.randn(tokens, dim, experts) / dim**0.5) if experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            h = F.gelu(torch.einsum("btd,tdh->bth", x, self.w_in) + self.b_in)
+            return torch.einsum("bth,thd->btd", h, self.w_out) + self.b_out
+        gates = F.relu(torch.einsum("btd,tde->bte", x, self.router))
+        h = F.gelu(torch.einsum("btd,tedh->bteh", x, self.w_in) + self.b_in)
+        out = torch.einsum("bteh,tehd->bted", h, self.w_out) + self.b_out
+        return (gates.unsqueeze(-1) * out).sum(2)
+
+
+class RankMixerBlock(nn.Module):
+    """x = LN(x + TokenMixing(x)); x = LN(x + PerTokenFFN(x)) (Zhu et al. 2025, RankMixer)."""
+
+    def __init__(self, tokens: int, dim: int, ffn_ratio: int, experts: int = 0) -> None:
+        super().__init__()
+        self.mix_norm = nn.LayerNorm(dim)
+        self.ffn = PerTokenFFN(tokens, dim, ffn_ratio * dim, experts)
+        self.ffn_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix_norm(x + token_mixing(x))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class RankMixerHparams(BaseHparams):
+    """Hyperparameters shared by the RankMixer backbone and the models built on it."""
+
+    tokens: PositiveInt = 4
+    token_dim: PositiveInt = 32
+    layers: PositiveInt = 2
+    ffn_ratio: PositiveInt = 2
+    experts: int = Field(default=0, ge=0)
+    field_dim: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _heads_split_tokens(self) -> RankMixerHparams:
+        # Token mixing cuts each token into `tokens` heads, so the width must divide evenly.
+        if self.token_dim % self.tokens:
+            raise ValueError(
+                f"token_dim={self.token_dim} must be a multiple of tokens={self.tokens} "
+                "(token mixing cuts each token into one head per token)"
+            )
+        return self
