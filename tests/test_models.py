@@ -12,7 +12,13 @@ from recray.models import available, build
 from recray.models.layers import FeatureEmbedding
 
 ROWS = 64
-CASES = [(name, {}) for name in available()] + [("dcnv2", {"structure": "parallel"})]
+CASES = [(name, {}) for name in available()] + [
+    ("dcnv2", {"structure": "parallel"}),
+    ("rankmixer", {"experts": 3}),
+    ("hyformer", {"structure": "decoupled"}),
+    ("mdl", {"scenario": "item_id"}),
+]
+SEQUENCE_MODELS = {"hstu", "hyformer"}  # they refuse a schema without a sequence feature
 CASE_IDS = [name + "".join(f"-{v}" for v in hp.values()) for name, hp in CASES]
 IDS = pa.list_(pa.int64())
 
@@ -126,6 +132,10 @@ def test_same_seed_builds_the_same_model(name, hparams):
 @pytest.mark.parametrize("name", available())
 def test_defaults_build_on_any_schema(name, features):
     schema = _schema(features)
+    if name in SEQUENCE_MODELS and "history" not in features:
+        with pytest.raises(ValueError, match=f"{name}: needs a sequence feature"):
+            build(name, schema)
+        return
     assert build(name, schema)(_batch(schema, rows=5)).shape == (5, 2)
 
 
