@@ -22,6 +22,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# 6007 impressions split 8:1:1 leave 601 valid and 601 test rows: odd, so two workers cannot
+# share them equally and a row-dropping split would show.
+SMALL_WORLD_IMPRESSIONS = 6007
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory):
+    """A small simulated world (parametric click model) for training and tuning tests."""
+    from recray.data.simulate import WorldConfig, simulate
+
+    out = tmp_path_factory.mktemp("sim")
+    simulate(out, WorldConfig(num_users=300, num_items=200,
+                              num_impressions=SMALL_WORLD_IMPRESSIONS, seed=3))
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """A real local Ray on this machine's 2 cores, shut down at the end of the session."""

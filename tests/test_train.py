@@ -20,7 +20,6 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from recray.data.simulate import WorldConfig, simulate
 from recray.platform.config import ConfigError, TrainConfig, load_train_config
 from recray.platform.train import (
     TrainingDiverged,
@@ -33,18 +32,6 @@ from recray.platform.train import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# 6007 impressions split 8:1:1 leave 601 valid and 601 test rows: odd, so two workers cannot
-# share them equally and a row-dropping split would show.
-SMALL_WORLD = WorldConfig(num_users=300, num_items=200, num_impressions=6007, seed=3)
-
-
-@pytest.fixture(scope="module")
-def sim_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim")
-    simulate(out, SMALL_WORLD)
-    return out
-
-
 def _config(sim_dir, tmp_path, **changes) -> dict:
     cfg = {
         "name": "t",

@@ -25,7 +25,6 @@ from sklearn.metrics import roc_auc_score
 
 from recray import cli
 from recray.data.jagged import to_batch
-from recray.data.simulate import WorldConfig, simulate
 from recray.platform.config import ConfigError, TrainConfig, load_train_config
 from recray.platform.run_folder import load_run_folder
 from recray.platform.train import validate
@@ -39,16 +38,6 @@ from recray.platform.tune import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_WORLD = WorldConfig(num_users=300, num_items=200, num_impressions=6007, seed=3)
-
-
-@pytest.fixture(scope="module")
-def sim_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim")
-    simulate(out, SMALL_WORLD)
-    return out
-
-
 def _config(sim_dir, tmp_path) -> dict:
     return {
         "name": "t",
