@@ -9,7 +9,6 @@ replica sees every arm anyway, and one deployment saves a handle hop per request
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from operator import itemgetter
@@ -34,6 +33,7 @@ from pydantic import (
 )
 from ray import serve
 
+from recray.abtest.assignment import assign_variant
 from recray.data.jagged import to_batch
 from recray.data.schema import Feature, Schema, SchemaError
 from recray.platform.config import ConfigError, load_yaml, parse
@@ -168,19 +168,6 @@ def load_serve_config(path: str | Path | None, run_dir: str | Path | None = None
 
 
 # --- arms ----------------------------------------------------------------------------------------
-def assign_variant(unit_id: object, salt: str, names: list[str], shares: list[float]) -> str:
-    """The arm of one unit: a salted hash of its id, uniform on [0, 1), cut at cumulative shares.
-
-    Stable across processes and days (no Python `hash`), so the A/B harness reproduces it.
-    """
-    digest = hashlib.blake2b(f"{salt}:{unit_id}".encode(), digest_size=8).digest()
-    point = int.from_bytes(digest, "big") / 2**64 * sum(shares)
-    for name, edge in zip(names, np.cumsum(shares), strict=True):
-        if point < edge:
-            return name
-    return names[-1]
-
-
 # --- requests ------------------------------------------------------------------------------------
 def user_side(schema: Schema, cfg: ServeConfig) -> list[Feature]:
     """Features given once per request; the rest come with each candidate."""
