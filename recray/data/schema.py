@@ -10,6 +10,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 LABEL_NAME = re.compile(r"^label(_[A-Za-z0-9]+)*$")
+# Ids of a feature with a `vocabulary`: 0 for a missing value, 1 for a value the vocabulary lacks
+# (rarer than the loader's min_count in train, or never seen there), 2.. for vocabulary[0..].
+MISSING_ID = 0
+OOV_ID = 1
+FIRST_VOCABULARY_ID = 2
+# libyaml when present: a schema with a vocabulary of a million values loads in seconds, not minutes
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class SchemaError(ValueError):
@@ -25,6 +33,10 @@ class Feature(BaseModel):
 
     Ids must lie in `[0, vocab_size)` (anything else is rejected with the column and value named),
     or, with `hash_buckets`, are mapped into range by a non-negative modulo.
+
+    `vocabulary`, written by the loaders, lists the raw values that have ids, in id order from
+    FIRST_VOCABULARY_ID (MISSING_ID and OOV_ID come before), so that serving maps a raw value
+    exactly as the prepared data did. A feature sharing another's `table` uses that vocabulary.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +48,7 @@ class Feature(BaseModel):
     embedding_dim: int = Field(default=16, gt=0)
     pooling: Literal["sum", "mean"] = "sum"
     table: str | None = None
+    vocabulary: list[int] | list[str] | None = None
 
     @model_validator(mode="after")
     def _ids_have_one_range(self) -> Feature:
@@ -48,6 +61,12 @@ class Feature(BaseModel):
             raise ValueError(
                 f"feature {self.name!r}: give exactly one of vocab_size or hash_buckets "
                 f"(got vocab_size={self.vocab_size}, hash_buckets={self.hash_buckets})"
+            )
+        if self.vocabulary is not None and self.vocab_size != len(self.vocabulary) + FIRST_VOCABULARY_ID:
+            raise ValueError(
+                f"feature {self.name!r}: a vocabulary of {len(self.vocabulary)} values needs "
+                f"vocab_size={len(self.vocabulary) + FIRST_VOCABULARY_ID} (ids 0 missing, 1 "
+                f"out of vocabulary), got vocab_size={self.vocab_size}"
             )
         return self
 
@@ -149,7 +168,7 @@ class Schema(BaseModel):
         if not path.exists():
             raise SchemaError(f"schema file not found: {path}")
         with open(path) as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_LOADER)
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -161,7 +180,7 @@ class Schema(BaseModel):
             path = f"{path.rstrip('/')}/schema.yaml"
         try:
             with filesystem.open_input_stream(path) as fh:
-                data = yaml.safe_load(fh.read())
+                data = yaml.load(fh.read(), Loader=_LOADER)
         except OSError as e:
             raise SchemaError(f"schema file not readable: {uri}: {e}") from None
         return cls.from_dict(data, source=uri)
@@ -173,7 +192,7 @@ class Schema(BaseModel):
         data = self.model_dump(exclude_defaults=True)
         data["labels"] = list(self.labels)
         with open(path, "w") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
+            yaml.dump(data, fh, Dumper=_DUMPER, sort_keys=False)
         return path
 
 

@@ -20,7 +20,7 @@ WORLD_FLAGS = {"creator": {"days": LogConfig.days, "creators": 100},
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     verbs = parser.add_subparsers(dest="data_verb", required=True)
     prepare = verbs.add_parser("prepare", help="convert a raw data set (its original files)")
-    prepare.add_argument("name", help="movielens-100k, criteo, taobao or kuairand")
+    prepare.add_argument("name", help="movielens-100k, criteo, avazu, taobao or kuairand")
     prepare.add_argument("--src", required=True, help="the raw file or folder")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.add_argument("--split-files", nargs=3, type=Path, metavar=("TRAIN", "VALID", "TEST"),
@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--allow-partial-split", action="store_true",
                          help="drop the rows no split file names instead of failing")
     prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--min-count", type=int,
+                         help="ids seen fewer times in train share one out-of-vocabulary id "
+                              "(default 2)")
     simulate = verbs.add_parser("simulate", help="a synthetic log with a known click model")
     simulate.add_argument("--out", required=True, help="output folder")
     simulate.add_argument("--users", type=int, default=WorldConfig.num_users)
@@ -59,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_verb == "prepare":
         from recray.data.loaders import prepare
 
+        options = {} if args.min_count is None else {"min_count": args.min_count}
         out = prepare(args.name, args.src, args.out, split_files=args.split_files,
-                      allow_partial_split=args.allow_partial_split, seed=args.seed)
+                      allow_partial_split=args.allow_partial_split, seed=args.seed, **options)
         print(f"wrote {out}")
         return 0
     flags = _world_flags(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from recray.data.loaders.avazu import prepare_avazu
 from recray.data.loaders.criteo import prepare_criteo
 from recray.data.loaders.kuairand import prepare_kuairand
 from recray.data.loaders.movielens import prepare_movielens
@@ -15,6 +16,7 @@ LOADERS: dict[str, Callable[..., Path]] = {
     "criteo": prepare_criteo,
     "taobao": prepare_taobao,
     "kuairand": prepare_kuairand,
+    "avazu": prepare_avazu,
 }
 
 
@@ -34,7 +36,7 @@ def prepare(
     ([train, valid, test] CSVs naming rows by `user_id,item_id,timestamp` or by `row`, one line
     per row) replaces the data set's own split; rows they leave unnamed are an error unless
     `allow_partial_split` drops them. `options` are the loader's keyword arguments
-    (`max_history`, ...).
+    (`max_history`, `min_count`, ...).
     """
     if name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(LOADERS)}")

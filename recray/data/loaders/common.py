@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +20,26 @@ from recray.data.schema import Schema
 DROPPED = -1  # split code of a row that goes to no split
 SPLIT_KEYS = ("user_id", "item_id", "timestamp")  # how BARS/RecBole split files name a row
 ROW_KEY = "row"  # 0-based line number in the interaction log, for data without those keys
+WRITE_ROWS = 1_000_000  # rows per Parquet row group when a loader writes a table it holds whole
 
 
 def need_file(path: Path, data_set: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{data_set}: file not found: {path}")
     return path
+
+
+def csv_chunks(
+    path: Path,
+    read_options: pcsv.ReadOptions,
+    parse_options: pcsv.ParseOptions,
+    convert_options: pcsv.ConvertOptions,
+) -> Iterator[pa.Table]:
+    """The CSV file as tables of about `read_options.block_size` bytes each, read as they come."""
+    with pcsv.open_csv(path, read_options=read_options, parse_options=parse_options,
+                       convert_options=convert_options) as reader:
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
 
 
 def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
@@ -247,14 +261,53 @@ def split_codes(
     return default if split_files is None else fixed_split(split_files, keys, allow_partial)
 
 
-def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.ndarray) -> Path:
-    """Write `train/valid/test.parquet` (split code 0/1/2) and `schema.yaml` into `out`.
+class SplitWriter:
+    """`train/valid/test.parquet` written chunk by chunk (one row group per split per chunk), then
+    `schema.yaml`: a loader holds one chunk at a time, never the whole data set.
 
     Columns are cast to the data model's types; columns beyond the schema (`timestamp`, `row`)
     are kept for time-aware evaluation and for checking splits.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+    def __init__(self, out: str | Path, schema: Schema) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self._writers: list[pq.ParquetWriter] = []
+        self.rows = np.zeros(len(SPLITS), dtype=np.int64)
+
+    def write(self, table: pa.Table, codes: np.ndarray) -> None:
+        """Rows with split code 0/1/2 go to train/valid/test; DROPPED rows nowhere."""
+        table = _as_stored(table, self.schema, str(self.out))
+        if not self._writers:
+            self._writers = [
+                pq.ParquetWriter(self.out / f"{split}.parquet", table.schema) for split in SPLITS
+            ]
+        for code, writer in enumerate(self._writers):
+            part = table.filter(pa.array(codes == code))
+            if part.num_rows:
+                writer.write_table(part)
+                self.rows[code] += part.num_rows
+
+    def close(self) -> Path:
+        if not self._writers:
+            raise ValueError(f"{self.out}: no rows were written")
+        for writer in self._writers:
+            writer.close()
+        self.schema.save(self.out)
+        return self.out
+
+
+def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.ndarray) -> Path:
+    """Write `train/valid/test.parquet` (split code 0/1/2) and `schema.yaml` into `out`."""
+    writer = SplitWriter(out, schema)
+    for start in tqdm(range(0, max(table.num_rows, 1), WRITE_ROWS), desc=f"writing {out}",
+                      unit="chunk"):
+        writer.write(table.slice(start, WRITE_ROWS), codes[start : start + WRITE_ROWS])
+    return writer.close()
+
+
+def _as_stored(table: pa.Table, schema: Schema, source: str) -> pa.Table:
     names = [f.name for f in schema.features] + list(schema.labels)
     extras = [c for c in table.column_names if c not in names]
     table = table.select(names + extras)
@@ -266,12 +319,8 @@ def write_dataset(out: str | Path, schema: Schema, table: pa.Table, codes: np.nd
             ]
         )
     )
-    check_columns(table.schema, schema, source=str(out))
-    mask = pa.array(codes)
-    for code, split in enumerate(tqdm(SPLITS, desc=f"writing {out}", unit="split")):
-        pq.write_table(table.filter(pc.equal(mask, code)), out / f"{split}.parquet")
-    schema.save(out)
-    return out
+    check_columns(table.schema, schema, source=source)
+    return table
 
 
 def _storage_type(schema: Schema, column: str, current: pa.DataType) -> pa.DataType:

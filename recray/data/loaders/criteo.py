@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +10,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from recray.data.loaders.common import ROW_KEY, need_file, random_split, split_codes, write_dataset
-from recray.data.schema import Feature, Schema
+from recray.data.loaders.common import csv_chunks, need_file
+from recray.data.loaders.flat import prepare_flat
+from recray.data.loaders.vocab import check_min_count
+from recray.data.schema import Feature
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
 HEX_WIDTH = 8
 MISSING = -1  # what `hex_ids` gives an empty or null field: below every real value (>= 0)
+BLOCK_BYTES = 16 << 20  # CSV bytes per chunk: ~80k Criteo rows, a few tens of MB once parsed
 
 # nibble value of each byte; 255 marks a byte that is not a hex digit
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -72,56 +75,61 @@ def prepare_criteo(
     split_files: Sequence[Path] | None = None,
     allow_partial_split: bool = False,
     seed: int = 0,
-    hash_buckets: int = 100_003,
+    min_count: int = 2,
+    hash_buckets: int | None = None,
     embedding_dim: int = 16,
+    block_size: int = BLOCK_BYTES,
 ) -> Path:
-    """`src` is the data file, or a directory holding `train.txt`.
+    """`src` is the data file, or a directory holding `train.txt`; read in `block_size`-byte chunks.
 
-    Each categorical column gets `hash_buckets` ids: 0 for a missing value, 1.. for hashed real
-    values (see `bucket_ids`).
+    Each categorical column keeps a vocabulary of the values seen at least `min_count` times in
+    train (FuxiCTR's `min_categr_count`): id 0 for a missing value, 1 for any other value, 2.. for
+    the vocabulary's, so the table has as many rows as the data needs. With `hash_buckets`, ids
+    are hashed instead (see `bucket_ids`) and `min_count` is not used.
     """
-    if hash_buckets < 2:
+    check_min_count(min_count, "criteo")
+    if hash_buckets is not None and hash_buckets < 2:
         raise ValueError(
             f"criteo: hash_buckets={hash_buckets}, expected at least 2 (id 0 is kept for a "
             "missing value)"
         )
     src = Path(src)
     path = need_file(src / "train.txt" if src.is_dir() else src, "criteo")
-    raw = pcsv.read_csv(
-        path,
-        read_options=pcsv.ReadOptions(column_names=["label", *DENSE, *CATEGORICAL]),
-        parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pcsv.ConvertOptions(
-            column_types={"label": pa.float32()}
-            | dict.fromkeys(DENSE, pa.int64())
-            | dict.fromkeys(CATEGORICAL, pa.string()),
-            strings_can_be_null=True,
-        ),
-    )
-    columns: dict[str, np.ndarray] = {}
-    for name in DENSE:
-        columns[name] = log_transform(pc.fill_null(raw.column(name), 0).to_numpy())
-    for name in CATEGORICAL:
-        columns[name] = bucket_ids(hex_ids(raw.column(name), name), hash_buckets)
-    if raw.column("label").null_count:
-        raise ValueError(
-            f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows"
-        )
-    columns["label"] = raw.column("label").to_numpy()
-    columns[ROW_KEY] = np.arange(raw.num_rows)
-    table = pa.table(columns)
 
-    schema = Schema(
-        features=[Feature(name=n, kind="dense") for n in DENSE]
-        + [
-            Feature(name=n, kind="sparse", hash_buckets=hash_buckets, embedding_dim=embedding_dim)
-            for n in CATEGORICAL
-        ]
+    def chunks() -> Iterator[pa.Table]:
+        return csv_chunks(
+            path,
+            pcsv.ReadOptions(column_names=["label", *DENSE, *CATEGORICAL], block_size=block_size),
+            pcsv.ParseOptions(delimiter="\t", quote_char=False),
+            pcsv.ConvertOptions(
+                column_types={"label": pa.float32()}
+                | dict.fromkeys(DENSE, pa.int64())
+                | dict.fromkeys(CATEGORICAL, pa.string()),
+                strings_can_be_null=True,
+            ),
+        )
+
+    def columns(raw: pa.Table) -> dict[str, np.ndarray | pa.Array]:
+        if raw.column("label").null_count:
+            raise ValueError(
+                f"criteo: {path}: column 'label' is empty in {raw.column('label').null_count} rows"
+            )
+        dense = {name: log_transform(pc.fill_null(raw.column(name), 0).to_numpy()) for name in DENSE}
+        return dense | {"label": raw.column("label").to_numpy()}
+
+    return prepare_flat(
+        "criteo",
+        chunks,
+        out,
+        categorical=CATEGORICAL,
+        columns=columns,
+        features=[Feature(name=n, kind="dense") for n in DENSE],
+        split_files=split_files,
+        allow_partial_split=allow_partial_split,
+        seed=seed,
+        min_count=min_count,
+        embedding_dim=embedding_dim,
+        hashed=None
+        if hash_buckets is None
+        else (hash_buckets, lambda values, name: bucket_ids(hex_ids(values, name), hash_buckets)),
     )
-    codes = split_codes(
-        table.select([ROW_KEY]),
-        split_files,
-        random_split(table.num_rows, seed),
-        allow_partial_split,
-    )
-    return write_dataset(out, schema, table, codes)
