@@ -205,27 +205,34 @@ def _categorical(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
 class CreatorWorld:
     """The state of one world and its updates; both env forms drive it the same way."""
 
-    def __init__(self, params: CreatorEcosystem, key: np.ndarray) -> None:
+    def __init__(self, params: CreatorEcosystem, key: np.ndarray,
+                 user_ids: np.ndarray | None = None) -> None:
+        """`user_ids` (default: all `num_users`) are the users this copy simulates: an A/B shard
+        holds a slice of them, and since each user's draws are keyed on its id, the union of the
+        shards' users behaves exactly like one world's (see `round_statistics`)."""
         p = self.p = params
         self.key = key
         self.day, self.round = 0, 0
-        self.user_keys = child_keys(key[0], np.arange(p.num_users))
-        zero = np.zeros(p.num_users, dtype=np.int64)
+        self.user_ids = np.arange(p.num_users) if user_ids is None else np.asarray(user_ids,
+                                                                                 np.int64)
+        num_users = len(self.user_ids)
+        self.user_keys = child_keys(key[0], self.user_ids)
+        zero = np.zeros(num_users, dtype=np.int64)
         # A few strong tastes per user: squared uniforms spread interests over [-1, 1], the range
         # the daily drift is clipped to.
         self.interests = 2.0 * uniforms(self.user_keys, zero, _INTERESTS, p.num_topics) ** 2 - 1.0
         self.activity = uniforms(self.user_keys, zero, _ACTIVITY, 1)[:, 0]
-        self.satiation = np.zeros((p.num_users, p.num_topics))
-        self.satisfaction = np.zeros(p.num_users)
-        self.absent_days = np.zeros(p.num_users, dtype=np.int64)
-        self.churned = np.zeros(p.num_users, dtype=bool)
-        self.active_today = np.ones(p.num_users, dtype=bool)
-        self.sessions_today = np.zeros(p.num_users, dtype=np.int64)
+        self.satiation = np.zeros((num_users, p.num_topics))
+        self.satisfaction = np.zeros(num_users)
+        self.absent_days = np.zeros(num_users, dtype=np.int64)
+        self.churned = np.zeros(num_users, dtype=bool)
+        self.active_today = np.ones(num_users, dtype=bool)
+        self.sessions_today = np.zeros(num_users, dtype=np.int64)
         # Logged per user: topic histogram of clicks, the last clicked items, the last response.
-        self.topic_clicks = np.zeros((p.num_users, p.num_topics))
-        self.history = np.full((p.num_users, p.history_length), -1, dtype=np.int64)
-        self.last_click = np.zeros((p.num_users, p.slate_size), dtype=np.int8)
-        self.last_engagement = np.zeros((p.num_users, p.slate_size), dtype=np.float32)
+        self.topic_clicks = np.zeros((num_users, p.num_topics))
+        self.history = np.full((num_users, p.history_length), -1, dtype=np.int64)
+        self.last_click = np.zeros((num_users, p.slate_size), dtype=np.int8)
+        self.last_engagement = np.zeros((num_users, p.slate_size), dtype=np.float32)
 
         m = p.num_creators
         self.creator_alive = np.zeros(m, dtype=bool)
@@ -350,7 +357,7 @@ class CreatorWorld:
     # --- users ------------------------------------------------------------------------------
     def _start_day(self) -> None:
         p = self.p
-        steps = np.full(p.num_users, self.day, np.int64)
+        steps = np.full(len(self.user_ids), self.day, np.int64)
         if self.day > 0:
             back = uniforms(self.user_keys, steps, _RETURN, 1)[:, 0] < return_probability(
                 self.satisfaction, p)
@@ -461,23 +468,73 @@ class CreatorWorld:
 
     def end_round(self, log: dict[str, np.ndarray]) -> None:
         """World-level updates from every session of the round: public counts, creator stats."""
-        shown, click = log["shown"].ravel(), log["click"].ravel()
-        np.add.at(self.item_impressions, shown, 1.0)
-        np.add.at(self.item_clicks, shown, click.astype(float))
+        self.apply_round(self.round_statistics(log))
+
+    # The catalog arrays a user-side copy of the world reads (candidates, observation, choice).
+    ITEM_FIELDS = ("item_slot", "item_creator_id", "item_topic", "item_quality", "item_clickbait",
+                   "item_day", "item_clicks", "item_impressions", "item_uid")
+
+    def round_statistics(self, log: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What a round's sessions tell the shared world: impressions and clicks per catalog row
+        (integer counts, so sums over shards are exact in any order) and every click's row and
+        watch minutes in the log's user order (float sums depend on order, so shards' lists are
+        concatenated in user order, never pre-summed: see `merge_round_statistics`)."""
+        shown, click = log["shown"].ravel(), log["click"].ravel().astype(bool)
+        n = self.p.max_items
+        return {"impressions": np.bincount(shown, minlength=n),
+                "clicks": np.bincount(shown[click], minlength=n),
+                "clicked_rows": shown[click],
+                "watched": np.repeat(log["engagement"], self.p.slate_size)[click]}
+
+    @staticmethod
+    def merge_round_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One round's statistics from shards holding consecutive user ranges, in user order."""
+        return {"impressions": sum(part["impressions"] for part in parts),
+                "clicks": sum(part["clicks"] for part in parts),
+                "clicked_rows": np.concatenate([part["clicked_rows"] for part in parts]),
+                "watched": np.concatenate([part["watched"] for part in parts])}
+
+    def apply_round(self, stats: dict[str, np.ndarray]) -> None:
+        """Public counts and creator statistics from a round's (merged) statistics, then the next
+        round, and at a day's end the creators' evening (exits, entry, uploads)."""
+        self.item_impressions += stats["impressions"]
+        self.item_clicks += stats["clicks"]
         # A departed creator's items stay in the catalog, but its statistics leave with it.
-        credited = self._owner_present(shown)
-        shown = shown[credited]
-        owner = self.item_slot[shown]
-        watched = (click * np.repeat(log["engagement"], self.p.slate_size))[credited]
-        np.add.at(self.exposure_today, owner, 1.0)
+        shown = np.flatnonzero(stats["impressions"])
+        shown = shown[self._owner_present(shown)]
+        np.add.at(self.exposure_today, self.item_slot[shown],
+                  stats["impressions"][shown].astype(float))
+        clicked = stats["clicked_rows"]
+        credited = self._owner_present(clicked)
+        clicked, watched = clicked[credited], stats["watched"][credited]
+        owner = self.item_slot[clicked]
         np.add.at(self.engagement_today, owner, watched)
-        np.add.at(self.engagement_by_topic, (owner, self.item_topic[shown]), watched)
+        np.add.at(self.engagement_by_topic, (owner, self.item_topic[clicked]), watched)
         self.round += 1
         if self.round == self.p.sessions_per_day:
             self._creators_end_day()
-            self.round = 0
-            self.day += 1
-            self._start_day()
+            self._next_day()
+
+    def _next_day(self) -> None:
+        self.round = 0
+        self.day += 1
+        self._start_day()
+
+    def shared_state(self) -> dict[str, Any]:
+        """The catalog as the shared world holds it after `apply_round`, for user-side copies."""
+        return {"day": self.day, "round": self.round,
+                **{name: getattr(self, name) for name in self.ITEM_FIELDS}}
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        """A user-side copy takes the shared catalog, then starts its users' day if one began.
+
+        Users never write the catalog, so the arrays are read, not copied."""
+        for name in self.ITEM_FIELDS:
+            setattr(self, name, state[name])
+        if state["day"] != self.day:
+            self._next_day()
+        else:
+            self.round = state["round"]
 
     def _owner_present(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Whether each catalog row's creator still holds the slot it uploaded from."""
