@@ -96,22 +96,30 @@ class CreatorEcosystem:
     exit_after_dry_uploads: int = 5
     exit_satisfaction: float = 0.05
     entry_prob: float = 0.01
+    # markets: users and creator slots split into this many separate markets (user id and slot
+    # modulo `markets`); a session retrieves only its own market's items. 1 = one market. The
+    # cluster-randomised A/B design randomises whole markets.
+    markets: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.slate_size <= self.num_candidates:
             raise ValueError(f"slate_size: expected in [1, num_candidates={self.num_candidates}], "
                              f"got {self.slate_size}")
         for name in ("num_users", "num_creators", "num_topics", "sessions_per_day",
-                     "horizon_days", "item_lifetime_days", "exit_after_dry_uploads"):
+                     "horizon_days", "item_lifetime_days", "exit_after_dry_uploads", "markets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0 <= self.upload_rate <= MAX_UPLOADS_PER_DAY:
             raise ValueError(f"upload_rate: expected in [0, {MAX_UPLOADS_PER_DAY}] per day, got "
                              f"{self.upload_rate}")
         # Candidates are distinct items, and the seeded catalog is the smallest one there is.
-        if self.num_candidates > self.num_creators * self.initial_items:
-            raise ValueError(f"num_candidates: expected <= num_creators * initial_items = "
-                             f"{self.num_creators * self.initial_items} (the seeded catalog), got "
+        if self.num_creators < self.markets:
+            raise ValueError(f"markets: expected <= num_creators={self.num_creators}, got "
+                             f"{self.markets}")
+        seeded = self.num_creators // self.markets * self.initial_items
+        if self.num_candidates > seeded:
+            raise ValueError(f"num_candidates: expected <= num_creators // markets * initial_items "
+                             f"= {seeded} (the seeded catalog of a market), got "
                              f"{self.num_candidates}")
 
     @property
@@ -373,12 +381,20 @@ class CreatorWorld:
         self.sessions_today = np.where(self.active_today, 1 + extra, 0)
         # An upload of the evening of day d is shown on days d + 1 .. d + lifetime.
         stored = self.item_uid >= 0
-        pool = np.flatnonzero(stored & (self.day - self.item_day <= p.item_lifetime_days))
-        if len(pool) < p.num_candidates:
+        recent = stored & (self.day - self.item_day <= p.item_lifetime_days)
+        self.pools = [self._market_pool(stored, recent, m) for m in range(p.markets)]
+        self.pool = self.pools[0] if p.markets == 1 else np.sort(np.concatenate(self.pools))
+
+    def _market_pool(self, stored: np.ndarray, recent: np.ndarray, market: int) -> np.ndarray:
+        if self.p.markets > 1:
+            here = self.item_slot % self.p.markets == market
+            stored, recent = stored & here, recent & here
+        pool = np.flatnonzero(recent)
+        if len(pool) < self.p.num_candidates:
             # A catalog never runs dry: short of recent uploads, the newest stored items serve.
             newest = np.flatnonzero(stored)[np.argsort(self.item_uid[stored])]
-            pool = newest[-p.num_candidates:]
-        self.pool = pool
+            pool = newest[-self.p.num_candidates:]
+        return pool
 
     def round_users(self) -> np.ndarray:
         """Users with a session in the current round, in index order."""
@@ -396,7 +412,17 @@ class CreatorWorld:
         so the mixture is uniform too, and most sessions cost one vectorised draw.
         """
         keys, steps = self.user_keys[users], np.full(len(users), self.counter, np.int64)
-        k, size = self.p.num_candidates, len(self.pool)
+        if self.p.markets == 1:
+            return self._retrieve(keys, steps, self.pool)
+        market = self.user_ids[users] % self.p.markets
+        rows = np.empty((len(users), self.p.num_candidates), np.int64)
+        for m, pool in enumerate(self.pools):
+            here = market == m
+            rows[here] = self._retrieve(keys[here], steps[here], pool)
+        return rows
+
+    def _retrieve(self, keys: np.ndarray, steps: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        k, size = self.p.num_candidates, len(pool)
         picks = (uniforms(keys, steps, _CANDIDATES, k) * size).astype(np.int64)
         ordered = np.sort(picks, axis=1)
         again = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
@@ -405,7 +431,7 @@ class CreatorWorld:
             picks[again] = sample_without_replacement(
                 uniforms(keys, steps, _CANDIDATE_REDRAW, k),
                 uniforms(keys, steps, _CANDIDATE_ORDER, k), size)
-        return self.pool[picks]
+        return pool[picks]
 
     def observe(self, users: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         """The public view of each user's candidates and the user's own logged history."""
