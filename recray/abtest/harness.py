@@ -29,8 +29,8 @@ import pandas as pd
 from recray.abtest.assignment import assign_arms
 from recray.abtest.config import (
     CREATOR_METRICS,
-    ExperimentConfig,
     USER_METRICS,
+    ExperimentConfig,
     validate,
     world_params,
 )

@@ -436,14 +436,18 @@ class CreatorWorld:
     def observe(self, users: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         """The public view of each user's candidates and the user's own logged history."""
         p = self.p
-        topic = np.zeros((*rows.shape, p.num_topics), dtype=np.float32)
-        np.put_along_axis(topic, self.item_topic[rows][..., None], 1.0, axis=-1)
+        # Filled in place (a one-hot by row lookup, then the four public columns): the A/B
+        # harness observes every session, and stacking then concatenating cost twice as much.
+        doc = np.empty((*rows.shape, p.num_topics + 4), dtype=np.float32)
+        doc[..., :p.num_topics] = np.eye(p.num_topics, dtype=np.float32)[self.item_topic[rows]]
         clicks, shown = self.item_clicks[rows], self.item_impressions[rows]
-        public = np.stack([self.item_clickbait[rows], np.log1p(clicks), (clicks + 1) / (shown + 10),
-                           (self.day - self.item_day[rows]) / p.item_lifetime_days], axis=-1)
+        doc[..., p.num_topics] = self.item_clickbait[rows]
+        doc[..., p.num_topics + 1] = np.log1p(clicks)
+        doc[..., p.num_topics + 2] = (clicks + 1) / (shown + 10)
+        doc[..., p.num_topics + 3] = (self.day - self.item_day[rows]) / p.item_lifetime_days
         history = self.topic_clicks[users]
         return {
-            "doc": np.concatenate([topic, public.astype(np.float32)], axis=-1),
+            "doc": doc,
             "item_id": self.item_uid[rows],
             "creator_id": self.item_creator_id[rows],
             "user": (history / np.maximum(history.sum(axis=1, keepdims=True), 1.0)).astype(
