@@ -50,6 +50,11 @@ class AnalysisConfig(BaseModel):
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="two-sided significance level")
     metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="metrics to test")
     primary: str = Field(default="watch_minutes", description="the metric a decision rests on")
+    srm_alpha: float = Field(
+        default=0.001, gt=0, lt=0.5,
+        description="sample-ratio mismatch threshold; strict, as is usual, because every report "
+        "runs the check and a 5% threshold would cry wolf in one report out of twenty",
+    )
     cuped: bool = Field(default=True, description="pre-period as covariate when there is one")
     power: float = Field(default=0.8, gt=0, lt=1, description="power of the reported MDE")
     with_power: bool = Field(default=True, description="compute the MDE (the A/A battery skips it)")
@@ -459,7 +464,7 @@ def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> d
     if not (result.users["day"] >= 0).any():
         raise ValueError("ExperimentResult.users has no experiment day (day >= 0)")
     arms = unit_arms(result.users)
-    srm = srm_check(arms, result.arms, result.shares, config.alpha)
+    srm = srm_check(arms, result.arms, result.shares, config.srm_alpha)
     sums = unit_day_sums(result.users)
     table = unit_table(sums, arms)
     users_per_arm = result.users[result.users["day"] >= 0].groupby("arm")["user"].nunique()
