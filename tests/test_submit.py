@@ -200,3 +200,51 @@ def test_job_with_bad_config_fails_naming_the_field(head_node, job_dir, monkeypa
                        timeout_s=120)
     assert status == "FAILED"
     assert "model.name: unknown model 'no-such-model'" in logs.getvalue()
+
+
+@pytest.mark.ray
+def test_submitted_serve_job_leaves_an_app_that_answers_after_the_job_ends(head_node, job_dir):
+    import pyarrow.parquet as pq
+    import requests
+    import torch
+
+    from recray import models
+    from recray.data.jagged import to_batch
+    from recray.data.schema import Schema
+    from recray.platform.config import TrainConfig
+    from recray.platform.run_folder import write_run_folder
+
+    schema = Schema.load(job_dir / "sim")
+    torch.manual_seed(0)
+    model = models.build("dnn", schema).eval()
+    cfg = TrainConfig.model_validate({"data": {"path": "sim"}, "model": {"name": "dnn"}})
+    run_dir = job_dir.parent / "served-run"  # outside the upload: read on the node by its path
+    write_run_folder(run_dir, cfg, schema, model.state_dict(), {})
+    (port,) = _free_ports(1)
+    (job_dir / "serve.yaml").write_text(yaml.safe_dump({
+        "port": port, "num_replicas": 1, "cpus_per_replica": 0.5,
+        "variants": [{"name": "default", "run_dir": str(run_dir)}]}))
+    logs = io.StringIO()
+    _, status = submit("serve", "serve.yaml", head_node, working_dir=job_dir, stream=logs,
+                       timeout_s=240)
+    assert status == "SUCCEEDED", logs.getvalue()[-3000:]
+    assert f"127.0.0.1:{port}/v1/rank" in logs.getvalue()
+    url = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    rows = pq.read_table(job_dir / "sim" / "test.parquet").slice(0, 4)
+    first = rows.to_pylist()[0]
+    user_side = ("user_id", "user_segment", "history")
+    body = {"user": {k: first[k] for k in user_side},
+            "candidates": [{k: v for k, v in r.items() if k in ("item_id", "item_tags",
+                                                                  "position")}
+                           for r in rows.to_pylist()]}
+    for name in user_side:  # offline: the same rows, each with the first row's user
+        rows = rows.set_column(rows.schema.get_field_index(name), name,
+                               rows.column(name).take([0] * 4))
+    answer = requests.post(f"{url}/v1/rank", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(to_batch(rows, schema)))[:, 0]
+    torch.testing.assert_close(torch.tensor(answer.json()["scores"]["label"]), expected,
+                               rtol=0, atol=1e-6)
+

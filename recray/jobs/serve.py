@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "0.0.0.0 exposes the endpoint to the network")
     parser.add_argument("--port", type=int, help="HTTP port (config default 8000)")
     parser.add_argument("--detach", action="store_true",
-                        help="deploy and exit, leaving the app on the cluster (jobs, --address)")
+                        help="deploy and exit, leaving the app on the cluster (Serve's controller "
+                             "is detached; `recray submit serve` passes it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.ingress == "haproxy":
         # read where Ray starts: a cluster given by --address must have been started with them
         os.environ.update(HAPROXY_ENV)
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+    # --address, or the cluster of the job this runs in (`recray submit serve` sets RAY_ADDRESS);
+    # elsewhere a Ray of its own on 127.0.0.1, never a stranger's.
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=False,
                  logging_level="WARNING")

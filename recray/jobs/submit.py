@@ -7,7 +7,7 @@ import sys
 
 from recray.jobs import main_for
 
-SUBMITTABLE = ("train", "tune")  # grows with the verbs that take --config (serve, abtest)
+SUBMITTABLE = ("train", "tune", "serve", "rl")  # grows with the verbs that take --config (abtest)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # of the same name here would overwrite (`recray submit train` then ran `recray train`)
     parser.add_argument("job", metavar="VERB", choices=SUBMITTABLE,
                         help="the job to run on the cluster")
-    parser.add_argument("config", help="YAML config, a path inside the working directory")
+    parser.add_argument("config", help="YAML config, a path inside the working directory; for "
+                                       "serve a serve config listing variants, or a run folder "
+                                       "(an absolute path is read on the cluster's nodes)")
     parser.add_argument("--address", required=True,
                         help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
     parser.add_argument("--working-dir", default=".", help="uploaded as the job's working dir")

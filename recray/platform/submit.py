@@ -30,7 +30,17 @@ ON_A_CLUSTER = (
 
 
 def entrypoint(verb: str, config: str | Path, overrides: dict[str, Any] | None = None) -> str:
-    """The same command `ray job submit -- ...` would run: `python -m recray.jobs.<verb> --config`."""
+    """The same command `ray job submit -- ...` would run: `python -m recray.jobs.<verb> --config`.
+
+    For `serve`, `config` is a serve config (YAML listing the variants) or a run folder, and the
+    job deploys and leaves (`--detach`): the Serve app lives on in Serve's detached controller.
+    """
+    if verb == "serve":
+        if overrides:
+            raise ConfigError(f"--set {sorted(overrides)}: serve takes no overrides; put them in "
+                              "the serve config")
+        target = ["--config", str(config)] if is_yaml(config) else [str(config)]
+        return shlex.join(["python", "-m", "recray.jobs.serve", *target, "--detach"])
     args = ["python", "-m", f"recray.jobs.{verb}", "--config", str(config)]
     for key, value in (overrides or {}).items():
         args += ["--set", f"{key}={json.dumps(value)}"]  # JSON scalars read back as the same YAML
@@ -70,7 +80,13 @@ def check_config(
     # a tune config is a train config plus its search: section, checked as such
     from recray.platform.tune import load_tune_config
 
-    load = load_tune_config if "search" in load_yaml(working_dir / config) else load_train_config
+    raw = load_yaml(working_dir / config)
+    if "env" in raw:  # an RL config (`recray rl`): a simulator, no data to upload
+        from recray.platform.rl import load_rl_config
+
+        load_rl_config(working_dir / config, overrides)
+        return
+    load = load_tune_config if "search" in raw else load_train_config
     data_path = load(working_dir / config, overrides).data.path
     if "://" in data_path or posixpath.isabs(data_path) or data_path.startswith("~"):
         return
@@ -85,6 +101,45 @@ def check_config(
         else f"{', '.join(missing)} not found in the working directory {working_dir}"
     )
     raise ConfigError(f"data.path: {data_path!r} on the cluster: {why}; {ON_A_CLUSTER}")
+
+
+def is_yaml(path: str | Path) -> bool:
+    return str(path).endswith((".yaml", ".yml"))
+
+
+def check_serve(target: str, working_dir: Path, uploaded: set[str]) -> None:
+    """Refuse, before submitting, a serve job whose config or run folders the job would not find.
+
+    `target` is a serve config or a run folder. A relative path is read in the job's upload of
+    `working_dir` (where `runs/` is never uploaded); an absolute one on the cluster's nodes, and is
+    loaded here only when this machine has it too.
+    """
+    from recray.platform.run_folder import load_run_folder
+    from recray.platform.serve import load_serve_config
+
+    def local(path: str) -> Path:
+        return Path(path) if posixpath.isabs(path) else working_dir / path
+
+    def in_upload(path: str, what: str) -> None:
+        if not posixpath.isabs(path) and posixpath.normpath(path) not in uploaded:
+            raise ConfigError(f"{what}: {path} is not in the job's upload of {working_dir} "
+                              f"(missing there, or left out by recray's excludes {EXCLUDES}, "
+                              "Ray's, a .gitignore or a .rayignore); give a path the cluster's "
+                              "nodes read, e.g. an absolute path on shared storage")
+
+    if is_yaml(target):
+        in_upload(target, "config")
+        run_dirs = [v.get("run_dir", "") for v in load_yaml(local(target)).get("variants") or []]
+        if not run_dirs:
+            raise ConfigError(f"{target}: variants: none given; `recray submit serve` takes a "
+                              "serve config listing variants (name, run_dir) or a run folder")
+        load_serve_config(local(target), working_dir)  # every field checked here
+    else:
+        run_dirs = [target]
+    for run_dir in run_dirs:
+        in_upload(posixpath.join(run_dir, "config.yaml"), "run_dir")
+        if local(run_dir).is_dir() or not posixpath.isabs(run_dir):
+            load_run_folder(local(run_dir))
 
 
 def submit(
@@ -108,7 +163,7 @@ def submit(
     if not working_dir.is_dir():
         raise FileNotFoundError(f"working_dir: not a directory: {working_dir}")
     config = Path(config)
-    if config.is_absolute():
+    if config.is_absolute() and verb != "serve":  # serve reads an absolute path on the nodes
         if not config.resolve().is_relative_to(working_dir):
             raise ConfigError(f"config: {config} is outside the working directory {working_dir}")
         config = config.resolve().relative_to(working_dir)
@@ -117,11 +172,14 @@ def submit(
         "RAY_AUTH_TOKEN") else None
     with tempfile.TemporaryDirectory(prefix="recray-submit-") as scratch:
         zipped = Path(scratch) / "working_dir.zip"
-        check_config(config, working_dir, set(package(working_dir, zipped)), overrides)
+        uploaded = set(package(working_dir, zipped))
+        if verb == "serve":
+            check_serve(config, working_dir, uploaded)
+        else:
+            check_config(config, working_dir, uploaded, overrides)
+        command = entrypoint(verb, config, overrides)
         client = JobSubmissionClient(address, headers=headers)
-        job_id = client.submit_job(
-            entrypoint=entrypoint(verb, config, overrides), runtime_env={"working_dir": str(zipped)}
-        )
+        job_id = client.submit_job(entrypoint=command, runtime_env={"working_dir": str(zipped)})
     print(f"submitted {job_id} to {address}", file=stream, flush=True)
 
     async def tail() -> None:
