@@ -16,6 +16,8 @@ VERBS = {
     "simulate": "simulator tools: calibrate a world to a real log",
     "serve": "serve a trained run folder on Ray Serve (/v1/rank, A/B variants, autoscaling)",
     "tune": "search architectures on Ray Tune: AUC vs serving latency, Pareto front, best/ export",
+    "rl": "train a slate policy with RLlib PPO on a simulator (env runner actors, checkpoints)",
+    "abtest": "an online A/B test on the simulated world (Ray shards), with its GTE and report",
 }
 
 

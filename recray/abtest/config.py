@@ -18,9 +18,8 @@ from recray.simulators import CREATOR_ECOSYSTEM, INTEREST_EVOLUTION, LONG_TERM_S
 
 WORLDS = (CREATOR_ECOSYSTEM, LONG_TERM_SATISFACTION, INTEREST_EVOLUTION)
 # Per-user-day metrics (columns of ExperimentResult.users) and per-arm-day creator metrics.
-USER_METRICS = ("active", "sessions", "impressions", "clicks", "ctr", "watch_minutes", "churned")
+USER_METRICS = ("active", "sessions", "impressions", "clicks", "watch_minutes", "churned")
 CREATOR_METRICS = ("active_creators", "exits", "exposure_gini", "coverage", "novelty")
-METRICS = USER_METRICS + CREATOR_METRICS
 
 
 class ExperimentConfigError(ValueError):
@@ -79,7 +78,8 @@ class ExperimentConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     salt: str | None = Field(default=None, description="assignment salt; default: the name")
     shards: int = Field(default=1, ge=1, description="user shards (Ray actors)")
-    metrics: list[str] = Field(default_factory=lambda: list(METRICS))
+    analysis: dict[str, Any] = Field(default_factory=dict,
+                                     description="recray.abtest.stats.AnalysisConfig fields")
     gte: bool = Field(default=True, description="also run the world all-control and all-treatment")
 
     @model_validator(mode="after")
@@ -91,9 +91,6 @@ class ExperimentConfig(_Strict):
         if not math.isclose(total, 1.0, abs_tol=1e-9):
             raise ValueError(f"arms[].share: shares must sum to 1, got "
                              f"{' + '.join(str(a.share) for a in self.arms)} = {total:g}")
-        unknown = sorted(set(self.metrics) - set(METRICS))
-        if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; choose from {list(METRICS)}")
         if self.shards > self.users:
             raise ValueError(f"shards: {self.shards} shards for {self.users} users")
         if self.design != "user" and self.world.env != CREATOR_ECOSYSTEM:
@@ -250,8 +247,19 @@ def _initial_creators(cfg: ExperimentConfig) -> int:
     return CreatorEcosystem(**world_params(cfg)).num_creators
 
 
+def check_analysis(cfg: ExperimentConfig) -> Any:
+    """The `analysis:` section as the statistics read it (metric names, alpha, ...)."""
+    from recray.abtest.stats import AnalysisConfig
+
+    try:
+        return AnalysisConfig.model_validate(cfg.analysis)
+    except ValidationError as e:
+        raise ExperimentConfigError(f"analysis.{_describe(e)}") from None
+
+
 def validate(cfg: ExperimentConfig, probe_endpoints: bool = True) -> None:
     """Everything that can be checked before a shard starts, in order of cost."""
+    check_analysis(cfg)
     check_world(cfg)
     check_policies(cfg)
     check_arm_sizes(cfg)

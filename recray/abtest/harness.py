@@ -48,6 +48,7 @@ from recray.abtest.policies import (
 from recray.abtest.result import ExperimentResult
 from recray.simulators import CREATOR_ECOSYSTEM
 from recray.simulators.creator_ecosystem import CreatorEcosystem, CreatorWorld, _empty_log
+from recray.simulators.policies import ModelPolicy
 from recray.simulators.slate_env import validate_slates
 from recray.simulators.streams import child_keys, keys_from_seeds
 
@@ -189,6 +190,7 @@ class UserShard:
         obs = world.observe(batch, rows)
         rng = KeyedRng(self.policy_keys[batch], world.counter)
         error = None
+        self._user_rows(policy, batch)
         try:
             slates = validate_slates(policy.act(obs, rng, None), self.params.num_candidates,
                                      self.params.slate_size)
@@ -207,7 +209,21 @@ class UserShard:
         reward[active] = log["engagement"]
         if error is None:
             policy.update(obs, slates, reward, next_obs, np.zeros(len(batch), bool))
+        self._user_rows(policy, batch, back=True)
         return log, error
+
+    def _user_rows(self, policy: Any, batch: np.ndarray, back: bool = False) -> None:
+        """A model policy's per-user click history, kept for all of the shard's users and lent to
+        the policy for the users it serves now (it indexes its history by batch row)."""
+        if not isinstance(policy, ModelPolicy):
+            return
+        if not hasattr(policy, "all_users_history"):
+            policy.all_users_history = np.full((len(self.world.user_ids), policy.history_length),
+                                               -1, np.int64)
+        if back:
+            policy.all_users_history[batch] = policy.history
+        else:
+            policy.history = policy.all_users_history[batch]
 
     def _count(self, log: dict[str, np.ndarray]) -> None:
         users = log["users"]
@@ -423,11 +439,14 @@ def make_hub(cfg: ExperimentConfig, seed: int, assignment: Assignment) -> Any:
 
 
 def daily_means(result: ExperimentResult) -> dict[str, float]:
-    """Per metric, the mean over experiment days of the world's daily value: user metrics as the
-    mean per user-day (CTR as clicks over impressions), creator metrics as the arm-day value."""
+    """Per metric, the world's value over the experiment days: user metrics as the mean per
+    user-day, ratios (CTR, minutes per session) as ratios of sums, as `recray.abtest.stats`
+    estimates them; creator metrics as the mean of the daily values."""
     users = result.users[result.users["day"] >= 0]
-    out = {m: float(users[m].mean()) for m in USER_METRICS if m != "ctr"}
+    out = {m: float(users[m].mean()) for m in USER_METRICS}
     out["ctr"] = float(users["clicks"].sum() / max(users["impressions"].sum(), 1))
+    out["minutes_per_session"] = float(users["watch_minutes"].sum() / max(users["sessions"].sum(),
+                                                                         1))
     creators = result.creators[result.creators["day"] >= 0]
     out.update({m: float(creators[m].mean()) for m in CREATOR_METRICS})
     return out

@@ -70,12 +70,13 @@ def build_policy(arm: Arm, cfg: ExperimentConfig) -> Policy:
 
 def has_user_state(policy: Policy) -> bool:
     """Policies that keep a row per user (by batch position) must see all their users every
-    round; the others are shown only the users with a session, which is much cheaper."""
+    round; the others are shown only the users with a session, which is much cheaper (a model
+    policy's history is lent row by row instead: `UserShard._user_rows`)."""
     if isinstance(policy, ExposureAwarePolicy):
         return has_user_state(policy.base)
     if isinstance(policy, CreatorSplitPolicy):
         return any(has_user_state(p) for p in policy.policies)
-    return isinstance(policy, ThompsonSamplingPolicy | ModelPolicy)
+    return isinstance(policy, ThompsonSamplingPolicy)
 
 
 def pooled_arrays(policy: Policy) -> list[tuple[Any, str]]:
