@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recray.data.schema import describe_errors
 
@@ -28,8 +36,62 @@ class ModelSection(_Strict):
     hparams: dict[str, Any] = Field(default_factory=dict)
 
 
+class EarlyStopping(_Strict):
+    """Stop when a validation metric has not improved for `patience` epochs; keep the best epoch.
+
+    The best epoch's weights are restored at the end for the test metrics, the run folder that
+    `recray serve` loads and Tune's export; `train.epochs` is the most epochs a run may take.
+    """
+
+    metric: Literal["auc", "logloss"] = Field(
+        default="auc", description="valid AUC (higher is better) or valid logloss (lower is better)"
+    )
+    label: str | None = Field(
+        default=None,
+        description="the task to watch in a multi-task schema (a label column's task name, e.g. "
+        "'click'); default: the single label, or the mean over tasks",
+    )
+    patience: int = Field(default=5, ge=1, description="epochs without improvement before stopping")
+    min_delta: float = Field(
+        default=0.0, ge=0, description="an improvement smaller than this does not count"
+    )
+
+    def key(self, tasks: list[str]) -> str:
+        """The metrics key watched: valid_<metric> or valid_<metric>_<task>."""
+        return f"valid_{self.metric}" + (f"_{self.label}" if self.label and len(tasks) > 1 else "")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        """Better than the best so far by more than min_delta (NaN never improves)."""
+        if value != value:
+            return False
+        if best is None:
+            return True
+        gain = value - best if self.metric == "auc" else best - value
+        return gain > self.min_delta
+
+
+class LRSchedule(_Strict):
+    """torch's schedulers, stepped every optimizer step: linear warmup, then constant/cosine/step.
+
+    Lengths are in epochs (fractions allowed) and become steps from the train split's row count.
+    """
+
+    warmup_epochs: float = Field(default=0.0, ge=0, description="linear warmup (LinearLR) length")
+    warmup_start_factor: float = Field(
+        default=0.1, gt=0, le=1, description="lr x this at the first step of the warmup"
+    )
+    decay: Literal["constant", "cosine", "step"] = Field(
+        default="constant",
+        description="after the warmup: constant, CosineAnnealingLR down to lr x min_lr_factor at "
+        "train.epochs, or StepLR (x gamma every step_epochs)",
+    )
+    min_lr_factor: float = Field(default=0.0, ge=0, le=1, description="cosine: final lr / lr")
+    step_epochs: float = Field(default=1.0, gt=0, description="step: epochs between decays")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="step: lr factor per decay")
+
+
 class OptimSection(_Strict):
-    epochs: int = Field(default=1, gt=0)
+    epochs: int = Field(default=1, gt=0, description="epochs to train (the most, with early_stopping)")
     batch_size: int = Field(default=1024, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     shuffle: bool = Field(
@@ -48,7 +110,23 @@ class OptimSection(_Strict):
     )
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="weight decay of the dense weights")
+    embedding_weight_decay: float | None = Field(
+        default=None, ge=0,
+        description="weight decay (L2, as the optimizer applies it) of the embedding tables; "
+        "default: weight_decay. Unsharded runs only: a sharded run's fused embedding optimizer "
+        "does not take it",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0,
+        description="clip the dense weights' gradient to this global L2 norm (clip_grad_norm_); "
+        "embedding tables are not clipped: a sharded run's fused optimizers update them inside "
+        "backward, before any clipping could see them, and unsharded runs do the same",
+    )
+    schedule: LRSchedule | None = Field(default=None, description="learning-rate schedule")
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="stop on a plateau of a validation metric and keep the best epoch"
+    )
     stop_on_nonfinite_loss: bool = Field(
         default=True,
         description="stop the run with an error at the end of an epoch whose loss curve holds a "
@@ -83,6 +161,23 @@ class ShardingSection(_Strict):
         default=None, gt=0, description="default: train.lr (train.lr / workers for sgd)"
     )
     device: Literal["cpu", "cuda"] = "cpu"
+    memory_per_worker: ByteSize | None = Field(
+        default=None,
+        description="memory one worker gives the model (DDR on cpu, HBM on cuda), e.g. '16GiB': "
+        "TorchRec's planner must split tables that do not fit; a config that fits on no plan is "
+        "refused before training; none = TorchRec's defaults",
+    )
+    memory_reserved_fraction: float = Field(
+        default=0.15, ge=0, lt=1,
+        description="share of memory_per_worker the planner keeps for the dense part, inputs and "
+        "margin (TorchRec's default); the rest holds tables and their optimizer state",
+    )
+    init_scale_rows: int | None = Field(
+        default=None, gt=0,
+        description="tables start U(+-sqrt(1/rows)) as in TorchRec; a table of more rows starts "
+        "as if it had this many (TorchRec's scale shrinks with rows: a 40M-row hashed table "
+        "starts near zero); none = no cap",
+    )
 
     @model_validator(mode="after")
     def _offered_on_device(self) -> ShardingSection:
@@ -142,6 +237,16 @@ class TrainConfig(_Strict):
         if self.fault_injection and self.fault_injection.rank >= max(self.scaling.num_workers, 1):
             raise ValueError(f"fault_injection.rank: {self.fault_injection.rank} is not below "
                              f"scaling.num_workers={self.scaling.num_workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_decay_needs_plain_embeddings(self) -> TrainConfig:
+        if self.sharding.enabled and self.train.embedding_weight_decay:
+            raise ValueError(
+                f"train.embedding_weight_decay: {self.train.embedding_weight_decay:g} is not "
+                "supported with sharding.enabled (the fused embedding optimizer takes no weight "
+                "decay here); unset it, or train unsharded"
+            )
         return self
 
     @model_validator(mode="after")

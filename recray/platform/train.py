@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -23,8 +25,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recray.data import SPLITS
 from recray.data.jagged import Batch, check_columns, to_batch
 from recray.data.schema import Schema, SchemaError
-from recray.platform.config import ConfigError, TrainConfig
-from recray.platform.sharding import embedding_optimizer_for, embedding_tables, shard
+from recray.platform.config import ConfigError, LRSchedule, TrainConfig
+from recray.platform.sharding import (
+    MemoryBudgetError,
+    build_for_sharding,
+    embedding_optimizer_for,
+    embedding_tables,
+    plan_within_budget,
+    shard,
+)
 
 EVAL_SPLITS = ("valid", "test")
 
@@ -78,12 +87,18 @@ def validate(cfg: TrainConfig) -> Schema:
                 raise ConfigError(
                     f"data.path: {file} is not a readable Parquet file: {e}"
                 ) from None
+    stopping = cfg.train.early_stopping
+    if stopping and stopping.label and stopping.label not in schema.tasks:
+        raise ConfigError(f"train.early_stopping.label: {stopping.label!r} is not a task of "
+                          f"{data_dir}/schema.yaml; its tasks are {schema.tasks}")
     if cfg.model.name not in models.available():
         raise ConfigError(
             f"model.name: unknown model {cfg.model.name!r}; available: {models.available()}"
         )
     try:
-        model = models.build(cfg.model.name, schema, **cfg.model.hparams)
+        # A sharded model's tables may exceed this machine: build it on the meta device.
+        with torch.device("meta") if cfg.sharding.enabled else contextlib.nullcontext():
+            model = models.build(cfg.model.name, schema, **cfg.model.hparams)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.hparams: {e}") from None
     tables = {name for _, name in embedding_tables(model)}
@@ -93,6 +108,14 @@ def validate(cfg: TrainConfig) -> Schema:
                 f"sharding.tables: {table!r} is not an embedding table of {cfg.model.name}; "
                 f"its tables are {sorted(tables)}"
             )
+    if cfg.sharding.enabled and cfg.sharding.memory_per_worker is not None:
+        world = max(cfg.scaling.num_workers, 1)
+        optimizer = embedding_optimizer_for(cfg.sharding, cfg.train, cfg.sharding.device, world)
+        try:  # the workers' own planner, run here on the meta model: no process group needed
+            plan_within_budget(model, cfg.sharding, optimizer.name, world,
+                               batch_size=cfg.train.batch_size)
+        except MemoryBudgetError as e:
+            raise ConfigError(str(e)) from None
     return schema
 
 
@@ -155,6 +178,11 @@ def _resume_point(cfg: TrainConfig) -> tuple[str, str, Path | None]:
     if latest is None:
         raise ConfigError(f"resume: run {str(run_dir)!r} has no checkpoint (no */epoch.json)")
     epoch, folder = latest
+    if json.loads((folder / "epoch.json").read_text()).get("stopped_early"):
+        raise ConfigError(
+            f"resume: run {run_dir.name!r} stopped early at epoch {epoch} "
+            "(train.early_stopping); there is nothing left to resume"
+        )
     if epoch >= cfg.train.epochs - 1:
         raise ConfigError(
             f"resume: run {run_dir.name!r} already closed epoch {epoch} of train.epochs="
@@ -186,8 +214,74 @@ def _say_what_changed(old_config: Path, cfg: TrainConfig) -> None:
 
 # --- the train function (runs in each Ray Train worker) -----------------------------------------
 def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """train.optimizer over parameters or groups (a group's own weight_decay wins)."""
     kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
     return kinds[cfg.train.optimizer](params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _is_table(module: torch.nn.Module) -> bool:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    return isinstance(module, EmbeddingBagCollection | EmbeddingCollection)
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """An unsharded model's dense weights and embedding tables, each group with its weight decay."""
+    tables = {id(p) for m in model.modules() if _is_table(m) for p in m.parameters()}
+    decay = cfg.train.embedding_weight_decay
+    groups = [
+        {"name": "dense", "weight_decay": cfg.train.weight_decay,
+         "params": [p for p in model.parameters() if id(p) not in tables]},
+        {"name": "embedding", "weight_decay": cfg.train.weight_decay if decay is None else decay,
+         "params": [p for p in model.parameters() if id(p) in tables]},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def dense_parameters(model: torch.nn.Module, sharded: bool) -> list[torch.nn.Parameter]:
+    """The parameters gradient clipping sees: everything but the embedding tables.
+
+    A sharded model's tables are updated by fused optimizers inside backward, so their gradients
+    never exist to clip; an unsharded run leaves its tables unclipped too, so both train alike.
+    """
+    if sharded:
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        return [p for _, p in in_backward_optimizer_filter(model.named_parameters())]
+    tables = {id(p) for m in model.modules() if _is_table(m) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in tables]
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: LRSchedule | None, lr: float, epochs: int,
+    steps_per_epoch: int,
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's schedulers, stepped once per optimizer step: LinearLR warmup, then the decay.
+
+    Epoch lengths in the config become steps here; the cosine reaches lr x min_lr_factor at the
+    end of train.epochs (the most epochs, with early stopping).
+    """
+    if schedule is None:
+        return None
+    sched = torch.optim.lr_scheduler
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    if schedule.decay == "cosine":
+        decay = sched.CosineAnnealingLR(
+            optimizer, T_max=max(total - warmup, 1), eta_min=lr * schedule.min_lr_factor
+        )
+    elif schedule.decay == "step":
+        decay = sched.StepLR(
+            optimizer, step_size=max(round(schedule.step_epochs * steps_per_epoch), 1),
+            gamma=schedule.gamma,
+        )
+    else:
+        decay = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup == 0:
+        return decay
+    warm = sched.LinearLR(optimizer, start_factor=schedule.warmup_start_factor, end_factor=1.0,
+                          total_iters=warmup)
+    return sched.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
 
 def task_metrics(
@@ -293,7 +387,10 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model.name, schema, **cfg.model.hparams)
+    if cfg.sharding.enabled:  # tables on the meta device: each rank allocates only its shards
+        model = build_for_sharding(cfg.model.name, schema, cfg.model.hparams, cfg.seed)
+    else:
+        model = models.build(cfg.model.name, schema, **cfg.model.hparams)
     if cfg.sharding.enabled:
         _ensure_process_group()
         embedding_optimizer = embedding_optimizer_for(cfg.sharding, cfg.train, device.type, world)
@@ -305,6 +402,11 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             embedding_lr=embedding_optimizer.lr,
             dense_optimizer=lambda params: _optimizer(cfg, params),
             device=device,
+            seed=cfg.seed,
+            init_scale_rows=cfg.sharding.init_scale_rows,
+            memory_per_worker=cfg.sharding.memory_per_worker,
+            reserved_fraction=cfg.sharding.memory_reserved_fraction,
+            batch_size=cfg.train.batch_size,
         )
         if rank == 0:
             print(f"{plan}\n  {embedding_optimizer}", flush=True)
@@ -313,26 +415,35 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
         # Optimizer.load_state_dict casts the saved state to the device of the parameters it
         # holds, so state loaded while they were still on the CPU would stay there on CUDA.
         model.to(device)
-        optimizer = _optimizer(cfg, model.parameters())
+        optimizer = _optimizer(cfg, parameter_groups(model, cfg))
+    clipped = dense_parameters(model, cfg.sharding.enabled) if cfg.train.grad_clip_norm else []
+    scheduler = lr_scheduler(optimizer, cfg.train.schedule, cfg.train.lr, cfg.train.epochs,
+                             config.get("steps_per_epoch", 1))
     # Ray hands back the last checkpoint after a worker failure, or of a run resumed under its
     # name; local mode has no such memory, so the driver names the checkpoint of `resume` itself.
     checkpoint = ray.train.get_checkpoint() or (
         ray.train.Checkpoint.from_directory(config["resume_from"]) if config["resume_from"] else None
     )
-    start_epoch = _restore(checkpoint, model, optimizer, cfg, rank) + 1 if checkpoint else 0
+    best = BestEpoch()
+    if checkpoint:
+        start_epoch = _restore(checkpoint, model, optimizer, cfg, rank, scheduler, best) + 1
+    else:
+        start_epoch = 0
     resumed_from = start_epoch - 1 if checkpoint else -1
     if world > 1 and not cfg.sharding.enabled:  # DMP already wraps the dense part in DDP
         model = ray.train.torch.prepare_model(model)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    stopping = cfg.train.early_stopping
+    watched = stopping.key(schema.tasks) if stopping else ""
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         # Each epoch starts from its own stream, so a run resumed at epoch e draws the same
         # dropout masks as one that never stopped: the state at a checkpoint is (seed, rank, e).
         torch.manual_seed(derived_seed(cfg.seed, TORCH_STREAM, rank, epoch))
         started, rows, steps, compute_seconds = time.perf_counter(), 0, 0, 0.0
         train_shard = ray.train.get_dataset_shard("train")
-        local_losses = []
+        local_losses, lr_curve = [], []
         for table in epoch_batches(train_shard, cfg, rank, world, epoch):
             _maybe_fail(cfg, run_dir, rank, epoch, steps)
             step_started = time.perf_counter()
@@ -344,7 +455,12 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             loss = loss_fn(model(batch), batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clipped:
+                torch.nn.utils.clip_grad_norm_(clipped, cfg.train.grad_clip_norm)
+            lr_curve.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             local_losses.append(loss.detach())
             rows, steps = rows + len(batch), steps + 1
             compute_seconds += time.perf_counter() - step_started
@@ -355,6 +471,7 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             "resumed_from_epoch": resumed_from,
             "train_loss": float(np.mean(curve)) if curve else float("nan"),
             "train_loss_curve": curve,
+            "train_lr_curve": lr_curve,
             "train_rows_per_s": rows * world / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
             # Time the loop spent waiting for Ray Data: near train_seconds means input-bound.
@@ -366,13 +483,83 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
             metrics["diverged_at_step"] = diverged[0]
             ray.train.report(metrics)  # no checkpoint: the last one holds finite weights
             return metrics
-        evaluated = EVAL_SPLITS if epoch == cfg.train.epochs - 1 else ("valid",)
-        for split in evaluated:
-            metrics |= evaluate(
-                model, ray.train.get_dataset_shard(split), schema, cfg.train.eval_batch_size, split
-            )
-        _report(model, optimizer, epoch, metrics, rank, cfg, run_dir)
+        valid = evaluate(
+            model, ray.train.get_dataset_shard("valid"), schema, cfg.train.eval_batch_size, "valid"
+        )
+        metrics |= valid
+        stop = False
+        if stopping:
+            if watched not in valid:
+                raise ConfigError(f"train.early_stopping: no metric {watched!r}; "
+                                  f"valid has {sorted(valid)}")
+            if stopping.improved(valid[watched], best.value):
+                best.update(epoch, valid[watched], valid, _snapshot(model, cfg.sharding.enabled))
+            else:
+                best.epochs_without_gain += 1
+            stop = best.epochs_without_gain >= stopping.patience
+        if stop or epoch == cfg.train.epochs - 1:
+            metrics |= _final_metrics(model, cfg, schema, best, epoch, stop)
+        metrics["best_epoch"] = best.epoch if stopping else epoch
+        _report(model, optimizer, epoch, metrics, rank, cfg, run_dir, scheduler, best)
+        if stop:
+            break
     return metrics
+
+
+class BestEpoch:
+    """The best epoch so far by the early-stopping metric: its number, value, valid metrics, weights.
+
+    Everything but the weights goes into each checkpoint's epoch.json (the weights beside it), so
+    the best so far survives a worker failure or a resume.
+    """
+
+    def __init__(self) -> None:
+        self.epoch, self.value, self.valid, self.epochs_without_gain = -1, None, {}, 0
+        self.weights: dict[str, Any] | None = None
+
+    def update(self, epoch: int, value: float, valid: dict[str, float], weights) -> None:
+        self.epoch, self.value, self.valid, self.epochs_without_gain = epoch, value, valid, 0
+        self.weights = weights
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "value": self.value, "valid": self.valid,
+                "epochs_without_gain": self.epochs_without_gain}
+
+    def load_json(self, saved: dict[str, Any]) -> None:
+        self.epoch, self.value = saved["epoch"], saved["value"]
+        self.valid, self.epochs_without_gain = saved["valid"], saved["epochs_without_gain"]
+
+
+def _weights_module(model, sharded: bool) -> torch.nn.Module:
+    """The module whose state_dict is the model: a DMP itself (its shards), or inside DDP."""
+    return model if sharded else getattr(model, "module", model)
+
+
+def _snapshot(model, sharded: bool) -> dict[str, Any]:
+    """A copy of the weights: on the CPU when unsharded, each rank's own shards when sharded."""
+    state = _weights_module(model, sharded).state_dict()
+    if sharded:  # ShardedTensor and DTensor copy their local shards and keep their layout
+        return {name: copy.deepcopy(value) for name, value in state.items()}
+    return {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+
+
+def _final_metrics(model, cfg: TrainConfig, schema: Schema, best: BestEpoch, epoch: int,
+                   stopped: bool) -> dict[str, Any]:
+    """Test metrics of the weights the run keeps: the best epoch's under early stopping.
+
+    The valid metrics become the best epoch's too, so the final report describes one model. The
+    last epoch's weights go back in afterwards: the checkpoint continues from where training was.
+    """
+    test_shard = ray.train.get_dataset_shard("test")
+    out: dict[str, Any] = {"epochs_run": epoch + 1, "stopped_early": stopped}
+    if cfg.train.early_stopping is None or best.weights is None or best.epoch == epoch:
+        return out | evaluate(model, test_shard, schema, cfg.train.eval_batch_size, "test")
+    module = _weights_module(model, cfg.sharding.enabled)
+    last = _snapshot(model, cfg.sharding.enabled)
+    module.load_state_dict(best.weights)
+    out |= best.valid | evaluate(model, test_shard, schema, cfg.train.eval_batch_size, "test")
+    module.load_state_dict(last)
+    return out
 
 
 def epoch_batches(shard, cfg: TrainConfig, rank: int, world: int, epoch: int) -> Iterator[pa.Table]:
@@ -448,18 +635,27 @@ def _ensure_process_group() -> None:
 
 # Checkpoints: a sharded model is saved by every rank with torch.distributed.checkpoint (each
 # writes its own shards; nothing is pickled); a replicated one by rank 0 with torch.save, loaded
-# with weights_only=True. `epoch.json` says which epoch the checkpoint closes. No RNG state is
-# saved: every epoch reseeds from (seed, rank, epoch), which is all a checkpoint boundary needs.
-def _restore(checkpoint, model, optimizer, cfg: TrainConfig, rank: int) -> int:
-    """Load a checkpoint into model and optimizer; return the epoch it closed.
+# with weights_only=True. `epoch.json` says which epoch the checkpoint closes, and holds the LR
+# scheduler's state and the best epoch so far; that epoch's weights lie beside it (BEST_WEIGHTS,
+# or BEST_SHARDS when sharded). No RNG state is saved: every epoch reseeds from
+# (seed, rank, epoch), which is all a checkpoint boundary needs.
+BEST_WEIGHTS, BEST_SHARDS = "best_model.pt", "best_dcp"
+
+
+def _restore(checkpoint, model, optimizer, cfg: TrainConfig, rank: int, scheduler=None,
+             best: BestEpoch | None = None) -> int:
+    """Load a checkpoint into model, optimizer, scheduler and best epoch; return the epoch it closed.
 
     The optimizer keeps this config's lr and weight_decay (the checkpoint's are replaced, and
-    rank 0 says so), so a resumed run trains with the hyper-parameters it was given.
+    rank 0 says so), so a resumed run trains with the hyper-parameters it was given; under a
+    schedule the lr is the restored scheduler's, which continues where it stopped.
     """
-    configured = [{k: group[k] for k in ("lr", "weight_decay") if k in group}
-                  for group in optimizer.param_groups]
+    kept = ("weight_decay",) if scheduler is not None else ("lr", "weight_decay")
+    configured = [{k: group[k] for k in kept if k in group} for group in optimizer.param_groups]
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
+        closed = json.loads((folder / "epoch.json").read_text())
+        has_best = best is not None and "best" in closed and closed["best"]["epoch"] >= 0
         if cfg.sharding.enabled:
             import torch.distributed.checkpoint as dcp
 
@@ -468,11 +664,24 @@ def _restore(checkpoint, model, optimizer, cfg: TrainConfig, rank: int) -> int:
             dcp.load(state, checkpoint_id=str(folder / "dcp"))
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if has_best:
+                best_state = {"model": _snapshot(model, sharded=True)}
+                dcp.load(best_state, checkpoint_id=str(folder / BEST_SHARDS))
+                best.weights = best_state["model"]
         else:
             state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        epoch = int(json.loads((folder / "epoch.json").read_text())["epoch"])
+            if has_best:
+                best.weights = torch.load(folder / BEST_WEIGHTS, map_location="cpu",
+                                          weights_only=True)
+        epoch = int(closed["epoch"])
+    if has_best:
+        best.load_json(closed["best"])
+    if scheduler is not None and "scheduler" in closed:
+        scheduler.load_state_dict(closed["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     replaced = set()
     for group, wanted in zip(optimizer.param_groups, configured, strict=True):
         for key, value in wanted.items():
@@ -486,10 +695,10 @@ def _restore(checkpoint, model, optimizer, cfg: TrainConfig, rank: int) -> int:
 
 
 def _report(
-    model, optimizer, epoch: int, metrics: dict[str, float], rank: int, cfg: TrainConfig,
-    run_dir: str,
+    model, optimizer, epoch: int, metrics: dict[str, Any], rank: int, cfg: TrainConfig,
+    run_dir: str, scheduler=None, best: BestEpoch | None = None,
 ) -> None:
-    """Report this epoch with its checkpoint (weights, optimizer state, epoch).
+    """Report this epoch with its checkpoint (weights, optimizer, scheduler, best epoch so far).
 
     Ray Train copies a reported checkpoint into its storage, except in local mode, where it keeps
     the path as given: there we write straight into the run's folder so it outlives this call.
@@ -503,14 +712,23 @@ def _report(
 
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             dcp.save(state, checkpoint_id=str(folder / "dcp"))  # collective: every rank writes
+            if best is not None and best.weights is not None:
+                dcp.save({"model": best.weights}, checkpoint_id=str(folder / BEST_SHARDS))
         elif rank == 0:
             module = getattr(model, "module", model)
             torch.save(
                 {"model": module.state_dict(), "optimizer": optimizer.state_dict()},
                 folder / "state.pt",
             )
+            if best is not None and best.weights is not None:
+                torch.save(best.weights, folder / BEST_WEIGHTS)
         if rank == 0:
-            (folder / "epoch.json").write_text(json.dumps({"epoch": epoch}))
+            closed: dict[str, Any] = {"epoch": epoch, "stopped_early": bool(metrics.get("stopped_early"))}
+            if scheduler is not None:
+                closed["scheduler"] = scheduler.state_dict()
+            if best is not None and best.weights is not None:
+                closed["best"] = best.to_json()
+            (folder / "epoch.json").write_text(json.dumps(closed))
         has_files = rank == 0 or cfg.sharding.enabled
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -594,7 +812,8 @@ def fit(cfg: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(), "schema": schema.model_dump(),
-                           "run_dir": run_dir, "resume_from": resume_from and str(resume_from)},
+                           "run_dir": run_dir, "resume_from": resume_from and str(resume_from),
+                           "steps_per_epoch": steps_per_epoch(cfg) if cfg.train.schedule else 1},
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -627,6 +846,7 @@ def fit(cfg: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         )
     if result.checkpoint and not _is_uri(run_dir):
         _write_servable_run(result.checkpoint, run_dir, cfg, schema, metrics)
+    print(_summary(cfg, metrics), file=sys.stderr, flush=True)
     return {
         "metrics": metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -634,18 +854,55 @@ def fit(cfg: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     }
 
 
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    """Optimizer steps of one worker in one epoch, from the train split's Parquet row count.
+
+    Mirrors the split: Ray gives each worker rows // workers (equal split, batches of batch_size,
+    the last one short), or with global_batches every worker takes rows // (batch x workers).
+    """
+    import pyarrow.dataset as pds
+
+    rows = pds.dataset(f"{cfg.data.path}/train.parquet", format="parquet").count_rows()
+    world = max(cfg.scaling.num_workers, 1)
+    if cfg.train.global_batches:
+        return max(rows // (cfg.train.batch_size * world), 1)
+    return max(math.ceil(rows // world / cfg.train.batch_size), 1)
+
+
+def _summary(cfg: TrainConfig, metrics: dict[str, Any]) -> str:
+    """One line: epochs run, the epoch whose weights were kept and why, its valid and test AUC."""
+    stopping = cfg.train.early_stopping
+    if stopping is None:
+        kept = "kept the last epoch"
+    else:
+        why = "stopped early" if metrics.get("stopped_early") else "ran every epoch"
+        kept = (f"{why} (patience {stopping.patience}); kept the best epoch "
+                f"{metrics.get('best_epoch')} by valid {stopping.metric}")
+    return (f"train: {metrics.get('epochs_run', cfg.train.epochs)} of {cfg.train.epochs} epochs, "
+            f"{kept}: valid AUC {metrics.get('valid_auc', float('nan')):.4f}, "
+            f"test AUC {metrics.get('test_auc', float('nan')):.4f}")
+
+
 def _write_servable_run(checkpoint, run_dir: str, cfg: TrainConfig, schema: Schema,
                         metrics: dict[str, Any]) -> None:
-    """Leave the run folder `recray serve` loads: config, schema, final weights, metrics."""
+    """Leave the run folder `recray serve` loads: config, schema, the kept weights, metrics.
+
+    The kept weights are the best epoch's under early stopping, else the last epoch's.
+    """
     from recray import models
     from recray.platform.run_folder import _load_dcp, write_run_folder
 
     with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        best = cfg.train.early_stopping is not None
         if cfg.sharding.enabled:  # DCP shards resharded into one plain model, no process group
             model = models.build(cfg.model.name, schema, **cfg.model.hparams)
-            _load_dcp(model, Path(folder) / "dcp")
+            shards = folder / BEST_SHARDS
+            _load_dcp(model, shards if best and shards.is_dir() else folder / "dcp")
             weights = model.state_dict()
+        elif best and (folder / BEST_WEIGHTS).is_file():
+            weights = torch.load(folder / BEST_WEIGHTS, map_location="cpu", weights_only=True)
         else:
-            weights = torch.load(Path(folder) / "state.pt", map_location="cpu",
+            weights = torch.load(folder / "state.pt", map_location="cpu",
                                  weights_only=True)["model"]
     write_run_folder(run_dir, cfg, schema, weights, metrics)
