@@ -36,9 +36,12 @@ class KeyedCells(HTMLParser):
 
 
 def _at(report: dict, dotted: str):
+    """The JSON value at a dotted path; None where the JSON has no such number (shown as a dash)."""
     node = report
     for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
+        node = node[int(part)] if isinstance(node, list) else node.get(part)
+        if node is None:
+            return None
     return node
 
 
@@ -75,8 +78,8 @@ def test_every_number_in_the_html_is_the_jsons(written):
             continue
         assert float(text) == pytest.approx(value, rel=1e-5, abs=1e-12), key
         checked += 1
-    # 4 metrics x the metric table columns + the GTE rows + the SRM p-value
-    assert checked >= 4 * 12 + 2 * 5 + 1
+    # 4 metrics x the metric table columns + the GTE rows + the SRM p-value + creator means
+    assert checked >= 4 * 12 + 2 * 5 + 1 + 5 * 2
     assert any(key.endswith("cuped.variance_reduction") for key, _ in parser.cells)
 
 

@@ -189,6 +189,19 @@ def _gte_table(index: int, comparison: dict[str, Any]) -> str:
             f"<th>GTE</th><th>bias</th></tr>{''.join(rows)}</table>")
 
 
+def _creator_table(report: dict[str, Any]) -> str:
+    arms = report["arms"]
+    head = "".join(f"<th>{html.escape(a)}</th>" for a in arms)
+    rows = []
+    for name, entry in report["creator_effects"].items():
+        base = f"creator_effects.{name}"
+        cells = "".join(_number(entry["per_arm"].get(a), f"{base}.per_arm.{a}") for a in arms)
+        cells += "".join(_number(entry.get(k), f"{base}.{k}") for k in ("gte", "bias"))
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return (f"<table><tr><th>creator metric (mean over days)</th>{head}<th>GTE</th><th>bias</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
 def _image(png: str | None, alt: str) -> str:
     return "" if png is None else f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
 
@@ -222,7 +235,8 @@ def render_html(report: dict[str, Any]) -> str:
                   _image(report["figures"]["estimate_vs_gte"][index], "estimate vs GTE"),
                   "<h3>Daily lift</h3>", _image(report["figures"]["daily_lift"][index], "daily lift")]
     parts += ["<h2>Cumulative metric per arm</h2>", _image(report["figures"]["cumulative"], "cumulative"),
-              "<h2>Creators</h2>", _image(report["figures"]["creators"], "creators")]
+              "<h2>Creators</h2>", _creator_table(report),
+              _image(report["figures"]["creators"], "creators")]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>A/B report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
 

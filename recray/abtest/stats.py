@@ -456,6 +456,31 @@ def per_arm_daily(sums: dict[str, pd.DataFrame], arms: pd.Series, metrics: list[
     return out
 
 
+CREATOR_METRICS = ("active_creators", "exits", "exposure_gini", "coverage", "novelty")
+
+
+def creator_effects(result: ExperimentResult) -> dict[str, dict[str, Any]]:
+    """Per creator metric: each arm's mean over experiment days, the difference to control, and
+    the GTE and bias where the harness computed it. No CI: there is one world per arm-day, and
+    under user randomisation both arms share the creators, so this difference is often ~0 while
+    the GTE is not (that gap is the interference the report shows)."""
+    frame = result.creators[result.creators["day"] >= 0]
+    means = frame.groupby("arm")[list(CREATOR_METRICS)].mean()
+    out = {}
+    for metric in CREATOR_METRICS:
+        per_arm = {str(arm): float(means.loc[arm, metric]) for arm in means.index}
+        entry: dict[str, Any] = {"per_arm": per_arm}
+        for arm in result.arms[1:]:
+            if arm in per_arm and result.control in per_arm:
+                entry.setdefault("estimate", {})[arm] = per_arm[arm] - per_arm[result.control]
+        if metric in result.gte and "estimate" in entry and len(result.arms) == 2:
+            estimate = entry["estimate"][result.arms[1]]
+            entry["gte"] = float(result.gte[metric])
+            entry["bias"] = estimate - entry["gte"]
+        out[metric] = entry
+    return out
+
+
 def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> dict[str, Any]:
     """Every statistic of an experiment, control against each other arm, as a plain dict."""
     config = config or AnalysisConfig()
@@ -478,6 +503,7 @@ def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> d
         "srm": srm,
         "comparisons": [_compare(result, sums, table, arm, config) for arm in result.arms[1:]],
         "per_arm": per_arm_daily(sums, arms, config.metrics),
+        "creator_effects": creator_effects(result),
         "creators": {col: result.creators[col].tolist() for col in result.creators.columns},
         "gte": dict(result.gte), "failures": list(result.failures), "meta": dict(result.meta),
     }
