@@ -164,7 +164,7 @@ def test_novelty_flags_a_decaying_effect_and_not_a_flat_one():
     novel = analyze(synthetic_experiment(users=4000, days=12, pre_days=0, lift=decaying, seed=5), FAST)
     flag = novel["comparisons"][0]["metrics"]["ctr"]["novelty"]
     assert flag["flag"] == "novelty" and flag["sign_flip"]
-    assert flag["early_effect"] > 0 > flag["late_effect"]
+    assert flag["first_day_effect"] > 0 > flag["late_effect"]
     flat = analyze(synthetic_experiment(users=4000, days=12, pre_days=0, lift=0.1, seed=5), FAST)
     assert flat["comparisons"][0]["metrics"]["ctr"]["novelty"]["flag"] == "stable"
     growing = analyze(synthetic_experiment(users=4000, days=12, pre_days=0, lift=decaying[::-1], seed=6),
@@ -220,3 +220,22 @@ def test_bad_input_is_refused_by_name(experiment):
     with pytest.raises(ValueError, match="units \\[0\\] appear in more than one arm"):
         analyze(ExperimentResult(flipped, experiment.creators, experiment.arms, experiment.shares,
                                  "user"), FAST)
+
+
+def test_clickbait_vs_kale_on_long_term_satisfaction_is_flagged_as_novelty():
+    """The real harness world: clickbait wins the first day, then users' satisfaction sinks
+    (slow memory, sensitive users) and it loses every later day; the rule flags it."""
+    from recray.abtest.config import parse_config
+    from recray.abtest.harness import run_experiment
+
+    cfg = parse_config({
+        "name": "clickbait-vs-kale", "users": 600, "days": 10, "gte": False,
+        "world": {"env": "recray/LongTermSatisfaction-v0", "steps_per_day": 3,
+                  "params": {"memory_discount": 0.97, "sensitivity": 0.15}},
+        "arms": [{"name": "kale", "share": 0.5, "policy": "kale"},
+                 {"name": "clickbait", "share": 0.5, "policy": "myopic"}]})
+    result = analyze(run_experiment(cfg), AnalysisConfig(with_power=False, metrics=["watch_minutes"],
+                                                         primary="watch_minutes"))
+    watch = result["comparisons"][0]["metrics"]["watch_minutes"]
+    assert watch["daily"]["rel_effect"][0] > 0 > watch["daily"]["rel_effect"][-1]
+    assert watch["novelty"]["flag"] == "novelty" and watch["novelty"]["sign_flip"]
