@@ -1,11 +1,18 @@
-"""REINFORCE with a baseline, in plain torch, for slate policies on the vectorised envs.
+"""REINFORCE with a baseline, in plain torch and one process: the dependency-free baseline agent.
+
+recray's RL runs on RLlib (`recray rl`, `recray.platform.rl`: PPO on env runner actors). This agent
+stays because it earns two places that RLlib cannot take: it is the single-process baseline that
+`benchmarks/rl.py` sets RLlib's env-runner throughput beside, and it lets the simulators' own
+tests show that their worlds reward long-term policies (`test_simulators*.py`) without Ray, which
+`recray.simulators` never imports.
 
 The policy scores each candidate with a small MLP over the candidate's public features and the
 user's last response, and draws a slate by Plackett-Luce (Gumbel top-k): the slate's log
-probability is the sum of the sequential softmax log probabilities of its picks. Return-to-go
-minus the per-step mean over users is the advantage, so no critic is needed: every user of the
-batch starts an episode together. `train_reinforce` maximises the env's own return;
-`train_ecosystem` trains on CreatorEcosystem with a reward shaped toward next-day returns.
+probability is the sum of the sequential softmax log probabilities of its picks
+(`learned_policy.plackett_luce_log_prob`, shared with the RLlib module). Return-to-go minus the
+per-step mean over users is the advantage, so no critic is needed: every user of the batch starts
+an episode together. `train_reinforce` maximises the env's own return; `train_ecosystem` trains on
+CreatorEcosystem with a reward shaped toward next-day returns.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recray.simulators.learned_policy import plackett_luce_log_prob
 from recray.simulators.policies import Policy
 
 
@@ -32,18 +40,6 @@ def candidate_features(obs: dict) -> torch.Tensor:
         return doc
     user = torch.cat(context, dim=1)[:, None, :].expand(-1, doc.shape[1], -1)
     return torch.cat([doc, user], dim=2)
-
-
-def plackett_luce_log_prob(scores: torch.Tensor, slates: torch.Tensor) -> torch.Tensor:
-    """`[N]` log probability of drawing `slates` `[N, k]` in order, without replacement."""
-    remaining = scores.clone()
-    log_prob = torch.zeros(len(scores))
-    rows = torch.arange(len(scores))
-    for slot in range(slates.shape[1]):
-        picked = slates[:, slot]
-        log_prob = log_prob + remaining[rows, picked] - torch.logsumexp(remaining, dim=1)
-        remaining = remaining.index_put((rows, picked), torch.tensor(-torch.inf))
-    return log_prob
 
 
 def ecosystem_features(obs: dict) -> torch.Tensor:
