@@ -72,7 +72,6 @@ class ExperimentConfig(_Strict):
     users: int = Field(default=1000, gt=0)
     arms: list[Arm] = Field(min_length=2, description="control first")
     design: Literal["user", "creator", "cluster"] = "user"
-    clusters: int = Field(default=10, ge=2, description="markets of the cluster design")
     pre_days: int = Field(default=0, ge=0, description="days before the experiment, all on control")
     days: int = Field(default=14, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -95,6 +94,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"shards: {self.shards} shards for {self.users} users")
         if self.design != "user" and self.world.env != CREATOR_ECOSYSTEM:
             raise ValueError(f"design: {self.design!r} needs creators; {self.world.env} has none")
+        if self.design == "cluster" and int(self.world.params.get("markets", 1)) < 2:
+            raise ValueError("design: 'cluster' randomises markets; set world.params.markets >= 2")
         if "num_users" in self.world.params:
             raise ValueError("world.params.num_users: set the experiment's `users` instead")
         return self
@@ -224,7 +225,8 @@ def _variant_names(models: Any) -> set[str]:
 def unit_ids(cfg: ExperimentConfig) -> np.ndarray:
     """The randomisation units whose arms are drawn: users, or the markets of the cluster design
     (creators come and go, so the creator design draws arms for creator ids as they appear)."""
-    return np.arange(cfg.clusters if cfg.design == "cluster" else cfg.users)
+    markets = int(cfg.world.params.get("markets", 1))
+    return np.arange(markets if cfg.design == "cluster" else cfg.users)
 
 
 def check_arm_sizes(cfg: ExperimentConfig) -> np.ndarray:

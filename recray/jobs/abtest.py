@@ -56,8 +56,6 @@ def report(result: Any, cfg: Any, folder: Path) -> dict[str, Any] | None:
 
 
 def run_one(cfg: Any, seed: int, folder: Path, say: Any) -> None:
-    import ray
-
     from recray.platform.abtest import run_experiment_on_ray
 
     started = time.perf_counter()
@@ -65,7 +63,6 @@ def run_one(cfg: Any, seed: int, folder: Path, say: Any) -> None:
         f"{cfg.pre_days} pre-period + {cfg.days} days, design {cfg.design}, "
         f"arms {', '.join(f'{a.name} {a.share:g}' for a in cfg.arms)}")
     result = run_experiment_on_ray(cfg, seed, progress=say, check=False)
-    assert ray.is_initialized()
     write_raw(result, folder)
     analysis = report(result, cfg, folder)
     for failure in result.failures:
@@ -98,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     _ray_logs_to(partial / "ray.log")
-    ray.init(address=args.address, log_to_driver=False, configure_logging=False,
-             include_dashboard=False)
+    owns_ray = not ray.is_initialized()  # inside a Ray job (or a test session): use that Ray
+    if owns_ray:
+        ray.init(address=args.address, log_to_driver=False, configure_logging=False,
+                 include_dashboard=False)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -110,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             folder.mkdir(exist_ok=True)
             run_one(cfg, seed, folder, say)
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     partial.rename(out)
     html = sorted(out.rglob("report.html"))
     say(f"results: {out}" + (f" (report: {html[0]})" if html else ""))
