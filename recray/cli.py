@@ -11,6 +11,7 @@ from recray.jobs import run_job
 VERBS = {
     "data": "prepare a raw data set or simulate a log",
     "train": "train a model on Ray Train from a YAML config",
+    "plan": "TorchRec's sharding plan and per-rank memory of a config on a cluster, planned here",
     "demo": "the embedded default: simulate, train, evaluate, report",
     "submit": "submit a job to a Ray cluster (JobSubmissionClient) and follow it",
     "simulate": "simulator tools: calibrate a world to a real log",

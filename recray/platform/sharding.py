@@ -420,7 +420,7 @@ def _initialise(
             value.copy_(rows_of((0, 0), tuple(source.shape)) if source.is_meta else source)
 
 
-def describe_plan(plan, world: int, sizes: dict[tuple[str, str], int]) -> str:
+def describe_plan(plan, world: int, sizes: dict[tuple[str, str], int], per_rank: bool = True) -> str:
     """Which table sits on which rank, how, and the embedding bytes each rank holds (fp32)."""
     lines, bytes_per_rank = [], [0] * world
     for module_path, params in plan.plan.items():
@@ -434,6 +434,18 @@ def describe_plan(plan, world: int, sizes: dict[tuple[str, str], int]) -> str:
             for rank, elements in shards:
                 bytes_per_rank[rank] += 4 * elements
             lines.append(f"  {module_path}.{table}: {sharding.sharding_type} "
-                         f"({sharding.compute_kernel}) on ranks {sorted({r for r, _ in shards})}")
-    lines += [f"  rank {r}: {b / 2**20:.3f} MiB of embeddings" for r, b in enumerate(bytes_per_rank)]
+                         f"({sharding.compute_kernel}) on ranks {_ranges({r for r, _ in shards})}")
+    if per_rank:
+        lines += [f"  rank {r}: {b / 2**20:.3f} MiB of embeddings" for r, b in enumerate(bytes_per_rank)]
     return "sharding plan:\n" + "\n".join(lines)
+
+
+def _ranges(ranks: set[int]) -> str:
+    """{0, 1, 2, 3, 7} -> '[0-3, 7]': a 64-rank replica stays one short line."""
+    runs: list[list[int]] = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return "[" + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) + "]"

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from recray.data import SPLITS
 from recray.data.jagged import check_columns
+from recray.data.loaders.vocab import ValueCounts, frequent_values, vocabulary_ids
 from recray.data.schema import Schema
 
 DROPPED = -1  # split code of a row that goes to no split
@@ -250,6 +251,30 @@ def _split_key_columns(path: Path, columns: list[str], available: list[str]) -> 
         repr(",".join(on)) for on in (SPLIT_KEYS, [ROW_KEY]) if set(on) <= set(available)
     )
     raise ValueError(f"split file {path}: columns {columns}, expected {accepted}")
+
+
+def with_vocabularies(
+    table: pa.Table, codes: np.ndarray, names: Sequence[str], min_count: int,
+    shared: dict[str, str] | None = None,
+) -> tuple[pa.Table, dict[str, pa.Array]]:
+    """Re-encode raw id columns `names` through vocabularies of their train values (split code 0)
+    seen at least `min_count` times; each `shared` list column (-> one of `names`) through its
+    table's vocabulary. Returns the table and the vocabularies."""
+    train = pa.array(codes == 0)
+    vocab = {}
+    for name in names:
+        counts = ValueCounts()
+        counts.add(table.column(name).filter(train))
+        vocab[name] = frequent_values(counts.table(), min_count)
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.array(vocabulary_ids(vocab[name], table.column(name))))
+    for name, owner in (shared or {}).items():
+        lists = table.column(name).combine_chunks()
+        ids = vocabulary_ids(vocab[owner], lists.flatten())
+        offsets = lists.offsets.to_numpy()
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 list_array(offsets - offsets[0], ids))
+    return table, vocab
 
 
 def split_codes(

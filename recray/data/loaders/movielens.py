@@ -20,8 +20,10 @@ from recray.data.loaders.common import (
     random_split,
     split_codes,
     take_lists,
+    with_vocabularies,
     write_dataset,
 )
+from recray.data.loaders.vocab import check_min_count
 from recray.data.schema import Feature, Schema
 
 N_GENRES = 19
@@ -54,9 +56,16 @@ def prepare_movielens(
     allow_partial_split: bool = False,
     seed: int = 0,
     max_history: int = 50,
+    min_count: int = 2,
     embedding_dim: int = 16,
 ) -> Path:
-    """Ratings >= 4 -> label 1, <= 2 -> label 0, 3 dropped (RecBole's CTR convention)."""
+    """Ratings >= 4 -> label 1, <= 2 -> label 0, 3 dropped (RecBole's CTR convention).
+
+    User and item ids (and the history's items) come from vocabularies of the ids rated at least
+    `min_count` times in train: 0 missing, 1 rarer or unseen in train, 2.. the vocabulary's.
+    u.data is 2 MB: it is read whole.
+    """
+    check_min_count(min_count, "movielens-100k")
     src = Path(src)
     ratings = _read(src / "u.data", ["user_id", "item_id", "rating", "timestamp"], "\t", {})
     genre_names = [f"genre{i}" for i in range(N_GENRES)]
@@ -112,11 +121,28 @@ def prepare_movielens(
     )
     table = table.filter(pa.array(rating != 3))
 
+    keys = table.select(["user_id", "item_id", "timestamp", ROW_KEY])
+    codes = split_codes(
+        keys, split_files, random_split(table.num_rows, seed), allow_partial_split
+    )
+    table, vocab = with_vocabularies(
+        table, codes, ["user_id", "item_id"], min_count, shared={"history": "item_id"}
+    )
+    size = {name: len(values) + 2 for name, values in vocab.items()}
+
     dim = embedding_dim
     schema = Schema(
         features=[
-            Feature(name="user_id", kind="sparse", vocab_size=user_vocab, embedding_dim=dim),
-            Feature(name="item_id", kind="sparse", vocab_size=item_vocab, embedding_dim=dim),
+            Feature(
+                name=name,
+                kind="sparse",
+                vocab_size=size[name],
+                vocabulary=vocab[name].to_pylist(),
+                embedding_dim=dim,
+            )
+            for name in ("user_id", "item_id")
+        ]
+        + [
             Feature(name="age", kind="sparse", vocab_size=len(AGE_BOUNDS) + 2, embedding_dim=dim),
             Feature(name="gender", kind="sparse", vocab_size=gender_vocab, embedding_dim=dim),
             Feature(
@@ -133,14 +159,10 @@ def prepare_movielens(
             Feature(
                 name="history",
                 kind="sequence",
-                vocab_size=item_vocab,
+                vocab_size=size["item_id"],
                 embedding_dim=dim,
                 table="item_id",
             ),
         ]
-    )
-    keys = table.select(["user_id", "item_id", "timestamp", ROW_KEY])
-    codes = split_codes(
-        keys, split_files, random_split(table.num_rows, seed), allow_partial_split
     )
     return write_dataset(out, schema, table, codes)
