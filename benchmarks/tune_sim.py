@@ -60,6 +60,8 @@ def main() -> None:
         "stopped_early": summary["stopped_early"],
         "failed": summary["failed"],
         "seconds": seconds,
+        # Placement groups of stopped trials still held after the search (0: all released).
+        "placement_groups_left": summary["placement_groups_left"],
         "pareto": [{k: p[k] for k in ("trial", "family", "valid_auc", "p99_ms")}
                    for p in summary["pareto"]],
         "best": {"trial": best["trial"], "test_auc": best["test_auc"],
@@ -70,7 +72,9 @@ def main() -> None:
         "gap_to_oracle": oracle["test"]["auc"] - best["test_auc"],
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
                     "load_avg_1_5_15_before": load_before,
-                    "load_avg_1_5_15_after": os.getloadavg()},
+                    "load_avg_1_5_15_after": os.getloadavg(),
+                    # Above one runnable process per core, seconds and p99s are upper bounds.
+                    "loaded": max(load_before[0], os.getloadavg()[0]) > (os.cpu_count() or 1)},
         "tune_folder": summary["folder"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,14 +26,19 @@ from sklearn.metrics import roc_auc_score
 
 from recray import cli
 from recray.data.jagged import to_batch
+from recray.data.schema import Schema
 from recray.platform.config import ConfigError, TrainConfig, load_train_config
 from recray.platform.run_folder import load_run_folder
 from recray.platform.train import validate
 from recray.platform.tune import (
     TuneConfig,
+    data_view,
     load_tune_config,
+    newest_items,
+    param_space,
     pareto_front,
     pick_best,
+    search_algorithm,
     trial_config,
     tune_search,
 )
@@ -112,6 +118,13 @@ def _set(cfg: dict, changes: dict) -> dict:
         ({"search/samples": 3}, r"search\.samples: Extra inputs are not permitted"),
         ({"scaling/num_workers": 0}, r"scaling\.num_workers: 0 \(Ray Train's local mode\)"),
         ({"search": None}, r"search: missing"),
+        ({"search/space": {"schema.embedding_dim": {"uniform": [4.0, 16.0]}}},
+         r"search\.space\.schema\.embedding_dim: value 4\.0 is refused: a whole number"),
+        ({"search/space": {"data.max_history_length": {"choice": [10, 0]}}},
+         r"search\.space\.data\.max_history_length: value 0 is refused: a whole number"),
+        ({"search/searcher": "hyperopt"}, r"search\.searcher: Input should be 'random' or 'optuna'"),
+        ({"search/searcher": "optuna", "search/space": {"train.lr": {"grid": [0.01, 0.1]}}},
+         r"space\.train\.lr: grid is Tune's grid search, which searcher optuna does not take"),
     ],
 )
 def test_bad_search_sections_fail_before_any_trial_naming_the_field(
@@ -184,6 +197,64 @@ def test_the_budget_picks_the_best_auc_within_it_and_names_the_fastest_when_none
     with pytest.raises(ConfigError, match=rf"--max-latency-ms: no finished trial serves within "
                                           rf"0\.5 ms .* trial {fastest['trial']} \(dnn\)"):
         pick_best(trials, 0.5)
+
+
+def test_newest_items_keeps_each_rows_last_items_as_a_python_slice_does():
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 100, rng.integers(0, 12)).tolist() for _ in range(300)]
+    lists = pa.array(rows, pa.list_(pa.int64()))
+    for keep in (1, 3, 50):
+        for part in (lists, lists.slice(17, 200),
+                     pa.chunked_array([lists.slice(0, 100), lists.slice(100)])):
+            assert newest_items(part, keep).to_pylist() == [r[-keep:] for r in part.to_pylist()]
+
+
+def test_a_data_view_has_the_searched_dim_and_history_and_train_accepts_it(sim_dir, tmp_path):
+    view = Path(data_view(str(sim_dir), tmp_path / "views", 8, 5))
+    assert data_view(str(sim_dir), tmp_path / "views", 8, 5) == str(view)  # made once
+    schema = Schema.load(view / "schema.yaml")
+    assert {f.embedding_dim for f in schema.id_features} == {8}
+    assert schema.sequence_features
+    for split in ("train", "valid", "test"):
+        before, after = pq.read_table(sim_dir / f"{split}.parquet"), pq.read_table(
+            view / f"{split}.parquet")
+        for name in before.column_names:
+            if name in {f.name for f in schema.sequence_features}:
+                assert after[name].to_pylist() == [r[-5:] for r in before[name].to_pylist()]
+            else:
+                assert after[name].equals(before[name])
+    linked = Path(data_view(str(sim_dir), tmp_path / "views", 32, None))
+    assert (linked / "train.parquet").resolve() == (sim_dir / "train.parquet").resolve()
+    cfg = TrainConfig.model_validate({"name": "v", "data": {"path": str(view)},
+                                      "model": {"name": "din"}})
+    assert validate(cfg).id_features[0].embedding_dim == 8
+
+
+def test_optuna_samples_families_and_data_settings_and_its_front_is_the_pareto_front(
+    sim_dir, tmp_path
+):
+    cfg = _config(sim_dir, tmp_path)
+    cfg["search"] |= {"searcher": "optuna",
+                      "space": {"train.lr": {"loguniform": [0.003, 0.03]},
+                                "schema.embedding_dim": {"choice": [8, 16]}}}
+    cfg = TuneConfig.model_validate(cfg)
+    searcher = search_algorithm(cfg)
+    searcher.set_search_properties(None, None, param_space(cfg))
+    rng = np.random.default_rng(2)
+    points, families, dims = [], set(), set()
+    for i in range(12):
+        params = searcher.suggest(str(i))
+        trial = trial_config(cfg.base(), params)  # a valid train config
+        families.add(trial.model.name)
+        dims.add(params["data"]["embedding_dim"])
+        assert 0.003 <= trial.train.lr <= 0.03
+        point = (float(rng.uniform(0.6, 0.8)), float(rng.uniform(1, 10)))
+        searcher.on_trial_complete(str(i), {"valid_auc": point[0], "p99_ms": point[1]})
+        points.append(point)
+    assert families == {"lr", "dcnv2"} and dims == {8, 16}
+    study = searcher._ot_study  # Optuna's own multi-objective study behind Tune's searcher
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert {tuple(t.values) for t in study.best_trials} == {points[i] for i in pareto_front(points)}
 
 
 # --- one real search, its driver killed, resumed ---------------------------------------------------

@@ -41,6 +41,14 @@ EXPERIMENT = "experiment"  # Tune's experiment folder inside the tune folder
 SCHEDULER_ALIASES = {"asha": "async_hyperband"}
 # Options the search sets itself: the scheduler ranks on valid AUC per epoch.
 SCHEDULER_OWN_OPTIONS = ("metric", "mode", "time_attr", "max_t")
+# Searched data settings, beside train.<field>: a trial trains on a view of the data folder
+# (the same Parquet files linked, or rewritten with every sequence cut to its newest items, and
+# the schema with the searched embedding dim). Train and serve read the view like any data folder.
+DATA_SPACE = {
+    "schema.embedding_dim": "embedding_dim of every id feature in the schema",
+    "data.max_history_length": "every sequence feature cut to its newest N items",
+}
+SEARCHERS = ("random", "optuna")
 
 
 # --- the search section ---------------------------------------------------------------------------
@@ -120,19 +128,32 @@ class SearchSection(_Strict):
     latency: LatencySection = Field(default_factory=LatencySection)
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="Ray Tune's logger callbacks to switch on")
+    searcher: Literal[SEARCHERS] = Field(
+        default="random", description="random: Tune's variant generator (random samples, grid "
+        "points enumerated); optuna: Tune's OptunaSearch, multi-objective over valid AUC (max) "
+        "and p99 latency (min), families as one more categorical, grid domains refused")
 
     @model_validator(mode="after")
     def _searches_train_fields(self) -> SearchSection:
         for key in self.space:
+            if key in DATA_SPACE:
+                continue
             section, _, field = key.partition(".")
             if section != "train" or field not in OptimSection.model_fields:
                 raise ValueError(
                     f"space.{key}: not a train setting; the space takes train.<field> with a "
-                    f"field of {sorted(OptimSection.model_fields)}, and model hparams go under "
-                    "search.models.<family>")
+                    f"field of {sorted(OptimSection.model_fields)}, or {sorted(DATA_SPACE)}, and "
+                    "model hparams go under search.models.<family>")
             if field == "epochs":
                 raise ValueError("space.train.epochs: the epochs are the scheduler's budget "
                                  "(max_t); set train.epochs instead")
+        if self.searcher == "optuna":
+            grids = [f"space.{key}" for key, d in self.space.items() if d.kind == "grid"] + [
+                f"models.{family}.{name}" for family, space in self.models.items()
+                for name, d in space.items() if d.kind == "grid"]
+            if grids:
+                raise ValueError(f"{grids[0]}: grid is Tune's grid search, which searcher optuna "
+                                 "does not take (it samples); use choice")
         return self
 
 
@@ -182,7 +203,10 @@ def validate_search(cfg: TuneConfig) -> Schema:
         raise ConfigError("search: the space is empty: give search.space (train.<field>: domain) "
                           "or search.models (family: {hparam: domain}), or two families")
     base = cfg.base().model_dump(mode="json")
+    dims = check_data_space(cfg, schema)
     for key, domain in cfg.search.space.items():
+        if key in DATA_SPACE:
+            continue
         field = key.split(".", 1)[1]
         for value in domain.edges():
             trial = {**base, "train": {**base["train"], field: value}}
@@ -197,6 +221,12 @@ def validate_search(cfg: TuneConfig) -> Schema:
             models.build(family, schema, **fixed)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"search.models.{family}: cannot build on this data: {e}") from None
+        for dim in dims:
+            try:
+                models.build(family, with_embedding_dim(schema, dim), **fixed)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"search.space.schema.embedding_dim: value {dim!r} is refused "
+                                  f"by {family}: {e}") from None
         for hparam, domain in space.items():
             if hparam not in fields:
                 raise ConfigError(f"search.models.{family}.{hparam}: {family} has no such "
@@ -207,17 +237,103 @@ def validate_search(cfg: TuneConfig) -> Schema:
                 except (ValueError, TypeError) as e:
                     raise ConfigError(f"search.models.{family}.{hparam}: value {value!r} is "
                                       f"refused: {e}") from None
-    scheduler(cfg)
+    scheduler(cfg, with_metric=cfg.search.searcher == "optuna")
     loggers(cfg)
     return schema
+
+
+def check_data_space(cfg: TuneConfig, schema: Schema) -> list[int]:
+    """Check the searched data settings; return the embedding dims to build every family with."""
+    for key, domain in cfg.search.space.items():
+        if key not in DATA_SPACE:
+            continue
+        if "://" in cfg.data.path:
+            raise ConfigError(f"search.space.{key}: a trial writes its view of the data next to "
+                              f"the search; data.path must be a local folder, not {cfg.data.path!r}")
+        for value in domain.edges():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"search.space.{key}: value {value!r} is refused: a whole "
+                                  "number above 0 (use choice or randint)")
+        if key == "data.max_history_length" and not schema.sequence_features:
+            raise ConfigError(f"search.space.{key}: the data has no sequence feature to cut; "
+                              f"its features: {[f.name for f in schema.features]}")
+    dims = cfg.search.space.get("schema.embedding_dim")
+    return dims.edges() if dims is not None else []
+
+
+def with_embedding_dim(schema: Schema, dim: int) -> Schema:
+    """The schema with every id feature's embedding_dim set to `dim` (shared tables stay equal)."""
+    data = schema.model_dump()
+    for feature in data["features"]:
+        if feature["kind"] != "dense":
+            feature["embedding_dim"] = dim
+    return Schema.model_validate(data)
+
+
+def newest_items(column: pa.ChunkedArray | pa.Array, keep: int) -> pa.Array:
+    """Each list cut to its last `keep` values (histories are stored oldest first).
+
+    pyarrow's list_slice takes one start for all rows; the newest N need a start per row.
+    """
+    import pyarrow.compute as pc
+
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    values = lists.flatten()  # respects slicing, unlike .values
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    kept = np.minimum(lengths, keep)
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], kept)
+    taken = values.take(pa.array(np.repeat(starts + lengths - kept, kept) + within))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), taken, type=lists.type)
+
+
+def data_view(src: str, root: Path, embedding_dim: int | None,
+              max_history_length: int | None) -> str:
+    """The data folder a trial with these data settings trains on, made once per setting."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from recray.data import SPLITS
+
+    parts = [f"dim{embedding_dim}" if embedding_dim else "",
+             f"history{max_history_length}" if max_history_length else ""]
+    folder = root / "-".join(p for p in parts if p)
+    if (folder / "schema.yaml").is_file():
+        return str(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    schema = Schema.load(f"{src}/schema.yaml")
+    (with_embedding_dim(schema, embedding_dim) if embedding_dim else schema).save(tmp)
+    for split in SPLITS:
+        source = Path(src) / f"{split}.parquet"
+        if max_history_length:
+            table = pq.read_table(source)
+            for feature in schema.sequence_features:
+                index = table.schema.get_field_index(feature.name)
+                table = table.set_column(index, table.field(index),
+                                         newest_items(table.column(index), max_history_length))
+            pq.write_table(table, tmp / f"{split}.parquet")
+        else:
+            (tmp / f"{split}.parquet").symlink_to(source.resolve())
+    try:
+        tmp.rename(folder)
+    except OSError:  # a concurrent trial made the same view first
+        shutil.rmtree(tmp)
+    return str(folder)
 
 
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[-1].strip() if str(error) else type(error).__name__
 
 
-def scheduler(cfg: TuneConfig) -> Any:
-    """The Tune scheduler the config names, ranking on valid AUC per epoch."""
+def scheduler(cfg: TuneConfig, with_metric: bool = False) -> Any:
+    """The Tune scheduler the config names, ranking on valid AUC per epoch.
+
+    `with_metric`: the scheduler takes metric and mode itself (a multi-objective searcher
+    leaves Tune's TuneConfig without them).
+    """
     from ray.tune.schedulers import SCHEDULER_IMPORT
 
     name = SCHEDULER_ALIASES.get(cfg.search.scheduler.name, cfg.search.scheduler.name)
@@ -234,6 +350,8 @@ def scheduler(cfg: TuneConfig) -> Any:
                           f"are set by the search); its options: {sorted(accepted)}")
     # metric and mode go to Tune's TuneConfig, which refuses a scheduler that has them too.
     own = {"time_attr": "epochs_done", "max_t": cfg.train.epochs}
+    if with_metric:
+        own |= {"metric": METRIC, "mode": "max"}
     own = {k: v for k, v in own.items() if k in inspect.signature(cls).parameters}
     try:
         return cls(**own, **options)
@@ -267,19 +385,43 @@ def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     family = params["family"]
     data = base.model_dump(mode="json")
     fixed = base.model.hparams if family == base.model.name else {}
-    data["model"] = {"name": family, "hparams": {**fixed, **params["hparams"].get(family, {})}}
-    data["train"] = {**data["train"], **params["train"]}
+    data["model"] = {"name": family,
+                     "hparams": {**fixed, **params.get("hparams", {}).get(family, {})}}
+    data["train"] = {**data["train"], **params.get("train", {})}
     return TrainConfig.model_validate(data)
 
 
 def param_space(cfg: TuneConfig) -> dict[str, Any]:
-    """Tune's param_space: families as a grid; every family's hparams sampled, one used."""
-    return {
-        "family": tune.grid_search(families(cfg)),
-        "train": {key.split(".", 1)[1]: d.to_tune() for key, d in cfg.search.space.items()},
-        "hparams": {family: {name: d.to_tune() for name, d in space.items()}
-                    for family, space in cfg.search.models.items()},
+    """Tune's param_space: families as a grid (optuna: a choice); every family's hparams
+    sampled, its own used; the train settings; the data settings (`data_view`)."""
+    names = families(cfg)
+    space = {
+        "family": tune.choice(names) if cfg.search.searcher == "optuna" else tune.grid_search(names),
+        "train": {key.split(".", 1)[1]: d.to_tune() for key, d in cfg.search.space.items()
+                  if key not in DATA_SPACE},
+        "data": {key.split(".", 1)[1]: d.to_tune() for key, d in cfg.search.space.items()
+                 if key in DATA_SPACE},
+        "hparams": {family: {name: d.to_tune() for name, d in domains.items()}
+                    for family, domains in cfg.search.models.items() if domains},
     }
+    return {key: value for key, value in space.items() if value != {}}
+
+
+def search_algorithm(cfg: TuneConfig) -> Any:
+    """Tune's searcher the config names, seeded with the config's seed."""
+    if cfg.search.searcher == "optuna":
+        import warnings
+
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # List choices (MLP widths) could not go to a database; this study stays in memory.
+        warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
+        return OptunaSearch(metric=[METRIC, "p99_ms"], mode=["max", "min"], seed=cfg.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.seed)
 
 
 def request_rows(data_path: str, candidates: int) -> pa.Table:
@@ -354,7 +496,7 @@ class EpochsToTune(TuneReportCallback):
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], schema: dict[str, Any],
-              latency: dict[str, Any], trial_runs: str) -> None:
+              latency: dict[str, Any], trial_runs: str, views: str) -> None:
     """Tune's function trainable: latency of the architecture, then a real TorchTrainer run."""
     from recray import models
     from recray.platform.train import fit
@@ -363,6 +505,11 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], schema: dict[str, An
     trial_id = tune.get_context().get_trial_id()
     cfg.name, cfg.storage_path = f"{cfg.name}-{trial_id}", trial_runs
     schema_obj = Schema.model_validate(schema)
+    data = params.get("data", {})
+    if data:
+        cfg.data.path = data_view(cfg.data.path, Path(views), data.get("embedding_dim"),
+                                  data.get("max_history_length"))
+        schema_obj = Schema.load(f"{cfg.data.path}/schema.yaml")
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model.name, schema_obj, **cfg.model.hparams)
     latency_cfg = LatencySection.model_validate(latency)
@@ -370,9 +517,38 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], schema: dict[str, An
                                   latency_cfg.candidates), latency_cfg)
     extras = {"family": cfg.model.name, "p50_ms": p50, "p99_ms": p99,
               "parameters": sum(p.numel() for p in model.parameters())}
+    earlier = earlier_run(trial_runs, cfg.name)
+    if earlier is not None and (earlier / "metrics.json").is_file():
+        # Trained to the end before the driver died, but Tune never heard: report, don't retrain.
+        metrics = json.loads((earlier / "metrics.json").read_text())
+        tune.report(_scalars(metrics) | extras | {"epochs_done": cfg.train.epochs,
+                                                  "run_dir": str(earlier)})
+        return
+    if earlier is not None and resumable(earlier, cfg.train.epochs):
+        cfg.resume = str(earlier)  # train.fit continues the run from its last checkpoint
     result = fit(cfg, callbacks=[EpochsToTune(extras, cfg.train.epochs - 1)])
     tune.report(_scalars(result["metrics"]) | extras | {
         "epochs_done": cfg.train.epochs, "run_dir": result["run_dir"]})
+
+
+def earlier_run(trial_runs: str, name: str) -> Path | None:
+    """The newest run folder an earlier attempt of this trial left (`<name>-<stamp>`), or None.
+
+    Why not Tune's own trial checkpoints: every epoch's Train checkpoint is already in the
+    trial's run folder, and `train.fit`'s `resume` continues a run from it; reporting it to
+    Tune as well would store each checkpoint twice. Tuner.restore(resume_unfinished=True)
+    starts an unfinished trial again under its old id, so its folder is found by name.
+    """
+    runs = sorted(p for p in Path(trial_runs).glob(f"{name}-*") if p.is_dir())
+    return runs[-1] if runs else None
+
+
+def resumable(run_dir: Path, epochs: int) -> bool:
+    """Whether the run has a checkpoint that leaves epochs to train (else it starts again)."""
+    from recray.platform.train import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    return latest is not None and latest[0] < epochs - 1
 
 
 # --- the front ---------------------------------------------------------------------------------------
@@ -437,6 +613,68 @@ def tune_folder(cfg: TuneConfig, resume: str | None) -> tuple[Path, bool]:
     return folder, True
 
 
+def start_ray() -> None:
+    """Join the cluster of a submitted job (RAY_ADDRESS), or start a Ray of this search's own.
+
+    Workers' output (Ray Data progress) stays in Ray's logs: one line per trial here.
+
+    Why the dashboard port is chosen here: a trial that Tune stops dies with its Ray Train
+    controller, whose worker placement group outlives both (placement groups live as long as
+    the job). Ray Train's detached PlacementGroupCleaner removes it, once Ray's state API says
+    the controller is dead. The cleaner finds the state API by auto-detecting "the" Ray on the
+    host; with two (another user's, a test's) that raises ConnectionError, the cleaner's thread
+    dies, and every stopped trial keeps its workers' CPUs until the search ends: on 2 CPUs the
+    next trial's Ray Data reads then wait forever. Naming the dashboard in every worker's
+    environment (RAY_API_SERVER_ADDRESS) lets the cleaner reach its own cluster.
+    """
+    import ray
+
+    if "RAY_ADDRESS" in os.environ:
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return
+    port = _free_port()
+    context = ray.init(
+        address="local", log_to_driver=False, include_dashboard=True, dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    if not (context.dashboard_url or "").endswith(f":{port}"):
+        print(f"warning: Ray's dashboard is at {context.dashboard_url!r}, not port {port}: trials "
+              "that the scheduler stops may keep their CPUs until the search ends",
+              file=sys.stderr)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def placement_groups_held() -> set[str]:
+    """Ids of the placement groups that hold (or wait for) resources now."""
+    import ray
+
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items()
+            if pg["state"] not in ("REMOVED",)}
+
+
+def placement_groups_left(before: set[str], remove: bool, wait_s: float = 30.0) -> int:
+    """After the search: how many placement groups its trials made are still held once Ray
+    Train's cleaner had `wait_s` to remove them (0 when every stopped trial's workers were
+    released). `remove`: remove them (only in a Ray of the search's own: in a shared cluster
+    a new placement group may be another job's)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    deadline = time.monotonic() + wait_s
+    while (left := placement_groups_held() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    if remove:
+        for pg_id in left:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    return len(left)
+
+
 class TrialLines(tune.Callback):
     """One line per finished, stopped or failed trial, instead of Tune's pages of tables."""
 
@@ -473,6 +711,8 @@ def collect(grid: Any) -> list[dict[str, Any]]:
             "status": status,
             "family": family,
             "epochs_done": int(final.get("epochs_done", 0) or 0),
+            # The epoch whose checkpoint a resumed trial continued from (-1: trained from scratch).
+            "resumed_from_epoch": _whole(final.get("resumed_from_epoch"), -1),
             "valid_auc": _number(final.get(METRIC)),
             "test_auc": _number(final.get("test_auc")),
             "p50_ms": _number(final.get("p50_ms")),
@@ -480,7 +720,8 @@ def collect(grid: Any) -> list[dict[str, Any]]:
             "run_dir": final.get("run_dir") if status == "finished" else None,
             "error": _first_line(result.error) if result.error else None,
             "params": {"train": config.get("train", {}),
-                       "hparams": config.get("hparams", {}).get(family, {})},
+                       "hparams": config.get("hparams", {}).get(family, {}),
+                       "data": config.get("data", {})},
         })
     return sorted(trials, key=lambda t: t["trial"])
 
@@ -489,6 +730,11 @@ def _trial_id(path: str | None) -> str:
     """A trial's id from its folder name `<trainable>_<id>_<index>_<values>`."""
     found = re.search(r"_([0-9a-f]{5}_\d{5})", Path(path or "").name)
     return found.group(1) if found else "?"
+
+
+def _whole(value: Any, default: int) -> int:
+    number = _number(value)
+    return int(number) if math.isfinite(number) else default
 
 
 def _number(value: Any) -> float:
@@ -506,8 +752,8 @@ def write_reports(folder: Path, trials: list[dict[str, Any]], front: list[int],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = ["trial", "status", "family", "epochs_done", "valid_auc", "test_auc", "p50_ms",
-               "p99_ms", "params", "error"]
+    columns = ["trial", "status", "family", "epochs_done", "resumed_from_epoch", "valid_auc",
+               "test_auc", "p50_ms", "p99_ms", "params", "error"]
     finished = [t for t in trials if t["status"] == "finished"]
     front_rows = [finished[i] for i in front]
     for name, rows in (("trials.csv", trials), ("pareto.csv", front_rows)):
@@ -583,10 +829,9 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
     else:
         (folder / "search.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if not ray.is_initialized():
-        # A job on a cluster has RAY_ADDRESS; elsewhere a Ray of its own, never a stranger's.
-        # Workers' output (Ray Data progress) stays in Ray's logs: one line per trial here.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        start_ray()
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = cfg.search.max_concurrent_trials * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if needed > cpus - 1 and not cfg.scaling.allow_autoscale:
@@ -597,30 +842,41 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.base().model_dump(mode="json"),
                              schema=schema.model_dump(), latency=cfg.search.latency.model_dump(),
-                             trial_runs=str(folder / "trials")),
+                             trial_runs=str(folder / "trials"), views=str(folder / "data")),
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
         {"CPU": 0.01},
     )
     started = time.perf_counter()
     if restoring:
-        print(f"resuming {folder}: finished trials are kept, unfinished ones restart", flush=True)
+        print(f"resuming {folder}: finished trials are kept, unfinished ones continue from their "
+              "last checkpoint", flush=True)
         tuner = tune.Tuner.restore(str(folder / EXPERIMENT), trainable, resume_unfinished=True,
                                    restart_errored=False)
     else:
         print(f"searching {len(families(cfg))} families x {cfg.search.num_samples} samples -> "
               f"{folder}", flush=True)
+        optuna = cfg.search.searcher == "optuna"
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", scheduler=scheduler(cfg),
-                num_samples=cfg.search.num_samples,
+                # A multi-objective searcher holds the metrics; the scheduler gets valid AUC.
+                metric=None if optuna else METRIC, mode=None if optuna else "max",
+                search_alg=search_algorithm(cfg), scheduler=scheduler(cfg, with_metric=optuna),
+                # num_samples is per family: a grid over families multiplies it, a choice not.
+                num_samples=cfg.search.num_samples * (len(families(cfg)) if optuna else 1),
                 max_concurrent_trials=cfg.search.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(folder), verbose=0,
                 callbacks=[TrialLines(), *loggers(cfg)]),
         )
+    held_before = placement_groups_held()
     grid = tuner.fit()
+    seconds = time.perf_counter() - started
+    left = placement_groups_left(held_before, remove=own_ray)
+    if left:
+        print(f"warning: {left} placement group(s) of stopped trials were still held after the "
+              "search" + (" (removed now)" if own_ray else ""), file=sys.stderr)
     trials = collect(grid)
     finished = [t for t in trials if t["status"] == "finished"]
     front = pareto_front([(t["valid_auc"], t["p99_ms"]) for t in finished])
@@ -630,7 +886,8 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
         "finished": len(finished),
         "stopped_early": sum(t["status"] == "stopped" for t in trials),
         "failed": sum(t["status"] == "failed" for t in trials),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "placement_groups_left": left,
         "pareto": [{"trial": finished[i]["trial"], "family": finished[i]["family"],
                     "valid_auc": finished[i]["valid_auc"], "p99_ms": finished[i]["p99_ms"]}
                    for i in front],
