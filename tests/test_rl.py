@@ -25,6 +25,18 @@ from recray.simulators.learned_policy import (
 from recray.simulators.slate_env import validate_slates
 
 
+def _path(text):
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _tensors(obs):
+    if isinstance(obs, dict):
+        return {k: _tensors(v) for k, v in obs.items()}
+    return torch.as_tensor(np.asarray(obs))
+
+
 # --- Plackett-Luce against brute force (fast, no Ray) ---------------------------------------------
 def _product_formula(scores: np.ndarray, slate: tuple[int, ...]) -> float:
     """P(slate) = prod_t exp(s[a_t]) / sum of exp(s) over the candidates not yet picked."""
@@ -105,6 +117,14 @@ def test_a_checkpoint_of_another_env_is_refused(tmp_path):
                          num_candidates=10, slate_size=2)
     with pytest.raises(ValueError, match="trained on recray/LongTermSatisfaction-v0, not "):
         LearnedPolicy.load(path, env_id=sims.INTEREST_EVOLUTION)
+    # The same file as an A/B arm's `policy:` (make_policy takes a path to an exported policy).
+    from recray.simulators.policies import make_policy
+
+    assert isinstance(make_policy(str(path), sims.LONG_TERM_SATISFACTION, 2), LearnedPolicy)
+    with pytest.raises(ValueError, match="trained on recray/LongTermSatisfaction-v0, not "):
+        make_policy(str(path), sims.INTEREST_EVOLUTION, 2)
+    with pytest.raises(ValueError, match="slate_size"):
+        make_policy(str(path), sims.LONG_TERM_SATISFACTION, 3)
 
 
 # --- PPO on env runner actors ----------------------------------------------------------------------
@@ -193,18 +213,6 @@ def test_checkpoint_round_trips_into_a_policy_and_resume_continues(ppo_runs):
     assert resumed["run_dir"] == result["run_dir"]
     assert [line["iteration"] for line in resumed["history"]] == [3]
     assert resumed["history"][0]["env_steps"] > result["history"][-1]["env_steps"]
-
-
-def _path(text):
-    from pathlib import Path
-
-    return Path(text)
-
-
-def _tensors(obs):
-    if isinstance(obs, dict):
-        return {k: _tensors(v) for k, v in obs.items()}
-    return torch.as_tensor(np.asarray(obs))
 
 
 def test_observation_features_are_the_same_for_numpy_and_torch_batches():

@@ -18,6 +18,7 @@ named policy to the right columns:
   observed engagement.
 - `exposure_aware`: a base score minus a penalty that grows with the exposure its creator already
   got, so that starved creators get shown (CreatorEcosystem).
+- a path ending in `.pt`: a slate policy `recray rl` exported (`learned_policy.LearnedPolicy`).
 - `ModelPolicy` / `model_policy(...)`: a `recray.models` model scoring CreatorEcosystem
   candidates from the columns of the logged data only (built from a schema and a model, so it
   is not a `make_policy` name).
@@ -236,6 +237,15 @@ def make_policy(name: str, env_id: str, slate_size: int, **kwargs: Any) -> Polic
 
     if name == "random":
         return RandomPolicy(slate_size)
+    if name.endswith(".pt"):
+        # A policy `recray rl` exported (runs/<run>/policy.pt); refused if trained on another env.
+        from recray.simulators.learned_policy import LearnedPolicy
+
+        learned = LearnedPolicy.load(name, env_id=env_id, explore=bool(kwargs.get("explore")))
+        if learned.slate_size != slate_size:
+            raise ValueError(f"slate_size: {name} fills slates of {learned.slate_size}, the world "
+                             f"asks for {slate_size}")
+        return learned
     if env_id == LONG_TERM_SATISFACTION:
         wiring = {
             "myopic": lambda: GreedyPolicy(slate_size, _lts_clickbait),
