@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,6 +22,21 @@ SPLITS = ("train", "valid", "test")
 
 def read_splits(out: Path) -> dict[str, pa.Table]:
     return {split: pq.read_table(out / f"{split}.parquet") for split in SPLITS}
+
+
+def vocabulary_of(train_values, min_count: int = 2):
+    """The id each raw value should get, from an independent count of the train values: the
+    values seen at least `min_count` times, sorted, are ids 2..; any other value 1, None 0."""
+    counts = Counter(np.asarray(train_values).tolist())
+    index = {v: 2 + i for i, v in enumerate(sorted(v for v, c in counts.items() if c >= min_count))}
+    return lambda value: 0 if value is None else index.get(value, 1)
+
+
+def raw_values(schema: Schema, name: str, ids) -> list:
+    """Ids back to raw values through the saved vocabulary: what serving would map them from."""
+    feature = schema.feature(schema.feature(name).table_name)
+    table = {2 + i: v for i, v in enumerate(feature.vocabulary)}
+    return [table.get(int(i), "OOV" if i == 1 else None) for i in ids]
 
 
 def brute_force_history(user, time, item, row_user, row_time, max_len, clicked=None):
@@ -102,17 +119,19 @@ def test_random_split_is_8_1_1_disjoint_and_seeded(movielens, tmp_path):
 def test_movielens_history_is_strictly_earlier_ratings_most_recent_last(movielens, tmp_path):
     src, raw = movielens
     tables = read_splits(prepare("movielens-100k", src, tmp_path / "out", max_history=5))
+    item_id = vocabulary_of(raw["item"][tables["train"].column("row").to_numpy()])
     for table in tables.values():
         histories = table.column("history").to_pylist()
         assert max(map(len, histories)) == 5
-        for u, t, h in zip(
-            table.column("user_id").to_numpy(),
+        for r, t, h in zip(
+            table.column("row").to_numpy(),
             table.column("timestamp").to_numpy(),
             histories,
             strict=True,
         ):
             # all ratings count, 3s and rows of other splits included
-            assert h == brute_force_history(raw["user"], raw["time"], raw["item"], u, t, 5)
+            expected = brute_force_history(raw["user"], raw["time"], raw["item"], raw["user"][r], t, 5)
+            assert h == [item_id(i) for i in expected]
 
 
 def test_history_of_a_user_without_events_is_empty():
@@ -129,12 +148,15 @@ def test_history_of_a_user_without_events_is_empty():
 
 def test_movielens_reads_latin1_titles_and_the_item_without_a_date(movielens, tmp_path):
     src, raw = movielens
-    out = prepare("movielens-100k", src, tmp_path / "out")
+    out = prepare("movielens-100k", src, tmp_path / "out", min_count=1)
     schema = Schema.load(out)
-    assert schema.feature("item_id").vocab_size == 268
+    tables = read_splits(out)
+    train_items = set(raw["item"][tables["train"].column("row").to_numpy()].tolist())
+    assert schema.feature("item_id").vocabulary == sorted(train_items)
+    assert schema.feature("item_id").vocab_size == len(train_items) + 2
     assert schema.feature("history").table == "item_id"
-    table = pa.concat_tables(read_splits(out).values())
-    item = table.column("item_id").to_numpy()
+    table = pa.concat_tables(tables.values())
+    item = raw["item"][table.column("row").to_numpy()]
     year = table.column("release_year").to_numpy()
     assert (year[item == 267] == 0).all() and (year[item != 267] > 0).all()
     genres = table.column("genres").to_pylist()
@@ -184,10 +206,8 @@ def test_split_files_put_exactly_the_named_rows_in_each_split(movielens, tmp_pat
         )
     )
     for split, part in zip(SPLITS, parts, strict=True):
-        got = {
-            tuple(r.values())
-            for r in tables[split].select(["user_id", "item_id", "timestamp"]).to_pylist()
-        }
+        rows = tables[split].column("row").to_numpy()
+        got = set(zip(raw["user"][rows], raw["item"][rows], raw["time"][rows], strict=True))
         assert got == set(zip(raw["user"][part], raw["item"][part], raw["time"][part], strict=True))
         assert tables[split].num_rows == len(part)
 
@@ -328,6 +348,7 @@ def test_criteo_parses_empty_fields_trailing_tabs_and_negative_integers(tmp_path
         split_files=write_split_files(
             tmp_path / "s", [{"row": [0, 1, 2, 3, 4]}, {"row": []}, {"row": []}]
         ),
+        hash_buckets=100_003,
     )
     table = read_splits(out)["train"]
     assert table.column("label").to_pylist() == [1, 0, 0, 1, 0]
@@ -372,7 +393,9 @@ def test_criteo_hex_ids_match_python_on_the_real_sample(shared_data, tmp_path):
     files = write_split_files(
         tmp_path / "s", [{"row": range(len(lines))}, {"row": []}, {"row": []}]
     )
-    table = read_splits(prepare("criteo", src, tmp_path / "out", split_files=files))["train"]
+    table = read_splits(
+        prepare("criteo", src, tmp_path / "out", split_files=files, hash_buckets=100_003)
+    )["train"]
     assert table.num_rows == len(lines) == 50
     for c in range(26):
         assert table.column(f"C{c + 1}").to_pylist() == [
@@ -402,15 +425,16 @@ def test_taobao_samples_clicks_with_negatives_and_a_time_split(tmp_path):
     raw = write_taobao(tmp_path / "UserBehavior.csv")
     out = prepare("taobao", tmp_path, tmp_path / "out", negatives=2, max_history=8)
     tables = read_splits(out)
-    items, categories = np.unique(raw["item"]), np.unique(raw["category"])
-    category_of = dict(
-        zip(
-            np.searchsorted(items, raw["item"]) + 1,
-            np.searchsorted(categories, raw["category"]) + 1,
-            strict=True,
-        )
-    )
+    schema = Schema.load(out)
     clicked = raw["behavior"] == "pv"
+    train_rows = tables["train"].filter(pc.equal(tables["train"].column("label"), 1))
+    # every train click counts, also those left out for a short history: the time-split bound
+    bound = np.quantile(raw["time"][clicked], 0.8, method="lower")
+    train_clicks = clicked & (raw["time"] <= bound)
+    assert set(train_rows.column("row").to_pylist()) <= set(np.flatnonzero(train_clicks))
+    item_id = vocabulary_of(raw["item"][train_clicks])
+    category_id = vocabulary_of(raw["category"][train_clicks])
+    category_of = dict(zip(raw["item"].tolist(), raw["category"].tolist(), strict=True))
     earlier = np.array(
         [
             ((raw["user"] == u) & (raw["time"] < t) & clicked).any()
@@ -422,11 +446,18 @@ def test_taobao_samples_clicks_with_negatives_and_a_time_split(tmp_path):
         label = table.column("label").to_numpy()
         item = table.column("item_id").to_numpy()
         assert label.tolist() == [1.0, 0.0, 0.0] * (len(label) // 3)
-        assert (item[label == 0] != np.repeat(item[label == 1], 2)).all()
-        assert [category_of[i] for i in item] == table.column("category_id").to_pylist()
-        total += int(label.sum())
         rows = table.column("row").to_numpy()
         assert (clicked[rows]).all()
+        positive_items = raw["item"][rows[label == 1]]
+        assert item[label == 1].tolist() == [item_id(i) for i in positive_items]
+        negative_items = raw_values(schema, "item_id", item[label == 0])
+        for negative, positive in zip(negative_items, np.repeat(positive_items, 2), strict=True):
+            assert negative != positive
+        for i, c, raw_item in zip(item, table.column("category_id").to_pylist(),
+                                  raw_values(schema, "item_id", item), strict=True):
+            if i >= 2:  # an item in the vocabulary: its category's id
+                assert c == category_id(category_of[raw_item])
+        total += int(label.sum())
         for r, h, hc in zip(
             rows,
             table.column("history").to_pylist(),
@@ -436,10 +467,20 @@ def test_taobao_samples_clicks_with_negatives_and_a_time_split(tmp_path):
             expected = brute_force_history(
                 raw["user"], raw["time"], raw["item"], raw["user"][r], raw["time"][r], 8, clicked
             )
-            assert h == (np.searchsorted(items, expected) + 1).tolist()
-            assert hc == [category_of[i] for i in h]
+            assert h == [item_id(i) for i in expected]
+            assert hc == [category_id(category_of[i]) for i in expected]
             assert 1 <= len(h) <= 8
-    assert total == int((clicked & earlier).sum())
+    # a positive needs an earlier click of its own and, in the hour before, another user's click
+    # of another item to draw negatives from
+    has_pool = np.array(
+        [
+            ((raw["time"] < t) & (raw["time"] >= t - 3600) & clicked & (raw["user"] != u)
+             & (raw["item"] != i)).any()
+            for u, i, t in zip(raw["user"], raw["item"], raw["time"], strict=True)
+        ]
+    )
+    assert total == int((clicked & earlier & has_pool).sum())
+    assert total > 0.9 * int((clicked & earlier).sum())
     times = [t.column("timestamp").to_numpy() for t in tables.values()]
     assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
     assert all(len(t) for t in times)
@@ -490,11 +531,12 @@ def test_taobao_split_files_split_exact_duplicate_clicks_and_count_short_histori
 
 
 def test_taobao_real_sample_parses(shared_data, tmp_path):
-    out = prepare(
-        "taobao", shared_data / "taobao-userbehavior" / "UserBehavior_sample.csv", tmp_path / "out"
-    )
-    rows = sum(t.num_rows for t in read_splits(out).values())
-    assert rows > 0 and rows % 2 == 0
+    # the sample's 50 lines are one user's: no other user's clicks to draw negatives from
+    src = shared_data / "taobao-userbehavior" / "UserBehavior_sample.csv"
+    out = prepare("taobao", src, tmp_path / "out", negatives=0)
+    labels = np.concatenate([t.column("label").to_numpy() for t in read_splits(out).values()])
+    clicks = [line for line in src.read_text().splitlines() if line.split(",")[3] == "pv"]
+    assert len(labels) > 0 and (labels == 1).all() and len(labels) < len(clicks)
 
 
 # --- KuaiRand -----------------------------------------------------------------------------------
@@ -593,6 +635,8 @@ def test_kuairand_has_three_labels_tags_and_a_clicked_history(tmp_path):
     expected_tags = {0: [13, 66], 1: [], 2: [4], 3: [1, 2, 3]}
     assert table.column("tag").to_pylist() == [expected_tags[v % 4] for v in raw_video]
     assert (table.column("video_duration").to_numpy()[raw_video == 3] == 0).all()
+    video_id = vocabulary_of(raw["video"][tables["train"].column("row").to_numpy()])
+    assert table.column("video_id").to_pylist() == [video_id(v) for v in raw_video]
     for r, h in zip(rows, table.column("history").to_pylist(), strict=True):
         expected = brute_force_history(
             raw["user"],
@@ -603,7 +647,7 @@ def test_kuairand_has_three_labels_tags_and_a_clicked_history(tmp_path):
             6,
             raw["click"] == 1,
         )
-        assert h == [v + 1 for v in expected]  # raw ids 0..24 are all present: dense id = raw + 1
+        assert h == [video_id(v) for v in expected]
     times = [t.column("timestamp").to_numpy() for t in tables.values()]
     assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
 
@@ -616,6 +660,73 @@ def test_kuairand_missing_column_is_named(tmp_path):
         prepare("kuairand", tmp_path / "kr", tmp_path / "out")
 
 
+# --- Avazu --------------------------------------------------------------------------------------
+AVAZU_HEADER = (
+    "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
+    "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21"
+)
+
+
+def avazu_csv(n: int, seed: int = 0) -> str:
+    """`n` rows in Avazu's format: 20-digit ids (beyond int64), YYMMDDHH hours over 3 days, hex
+    site ids from a small pool (some repeat, some appear once)."""
+    rng = np.random.default_rng(seed)
+    lines = [AVAZU_HEADER]
+    for k in range(n):
+        hour = f"1410{21 + k % 3:02d}{k * 7 % 24:02d}"
+        site = f"{int(rng.zipf(1.5)) % 4096:08x}"
+        lines.append(
+            f"{10_000_000_000_000_000_000 + k},{int(rng.random() < 0.2)},{hour},1005,{k % 2},"
+            f"{site},f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,"
+            f"{rng.integers(0, 1 << 32):08x},{['be6db1d7', '8a4875bd'][k % 2]},1,0,"
+            f"{15700 + k % 5},320,50,{1722 + k % 3},0,35,{'' if k % 9 == 0 else 100084},79"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_avazu_hour_becomes_hour_of_day_and_weekday_and_ids_use_train_counts(tmp_path):
+    (tmp_path / "train.csv").write_text(avazu_csv(300))
+    out = prepare("avazu", tmp_path / "train.csv", tmp_path / "out", seed=2)
+    tables = read_splits(out)
+    schema = Schema.load(out)
+    frame = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
+    when = pd.to_datetime(frame["hour"], format="%y%m%d%H")
+    train_rows = tables["train"].column("row").to_numpy()
+    for split, table in tables.items():
+        rows = table.column("row").to_numpy()
+        assert table.column("hour_of_day").to_pylist() == (when.dt.hour.to_numpy()[rows] + 1).tolist()
+        # pandas: Monday=0; 2014-10-21 was a Tuesday
+        assert table.column("weekday").to_pylist() == (when.dt.dayofweek.to_numpy()[rows] + 1).tolist()
+        assert table.column("label").to_pylist() == frame["click"].astype(float).to_numpy()[rows].tolist()
+        for name in ("site_id", "device_ip", "C14", "C20"):
+            raw = frame[name].to_numpy()
+            expected_id = vocabulary_of(raw[train_rows][raw[train_rows] != ""])
+            expected = [expected_id(v if v != "" else None) for v in raw[rows]]
+            assert table.column(name).to_pylist() == expected, (split, name)
+    assert schema.feature("device_ip").vocab_size == 2  # every ip is seen once: all OOV
+    assert (tables["train"].column("C20").to_numpy() == 0).any()  # the empty field
+    sizes = [t.num_rows for t in tables.values()]
+    assert sizes == [240, 30, 30]
+
+
+def test_avazu_split_files_by_row(tmp_path):
+    (tmp_path / "train.csv").write_text(avazu_csv(20))
+    parts = [np.arange(0, 12), np.arange(12, 16), np.arange(16, 20)]
+    files = write_split_files(tmp_path / "s", [{"row": p} for p in parts])
+    tables = read_splits(prepare("avazu", tmp_path, tmp_path / "out", split_files=files))
+    assert [t.column("row").to_pylist() for t in tables.values()] == [p.tolist() for p in parts]
+
+
+def test_avazu_real_sample_parses(shared_data, tmp_path):
+    src = shared_data / "avazu" / "train_sample.csv"
+    tables = read_splits(prepare("avazu", src, tmp_path / "out"))
+    frame = pd.read_csv(src, dtype=str)
+    assert sum(t.num_rows for t in tables.values()) == len(frame) == 50
+    train = tables["train"]
+    clicks = frame["click"].astype(float).to_numpy()
+    assert train.column("label").to_pylist() == clicks[train.column("row").to_numpy()].tolist()
+
+
 # --- all loaders ----------------------------------------------------------------------------
 def write_source(name: str, root: Path) -> Path:
     if name == "movielens-100k":
@@ -624,6 +735,10 @@ def write_source(name: str, root: Path) -> Path:
     if name == "criteo":
         root.mkdir()
         return write_criteo(root / "train.txt").parent
+    if name == "avazu":
+        root.mkdir()
+        (root / "train.csv").write_text(avazu_csv(200))
+        return root
     if name == "taobao":
         root.mkdir()
         write_taobao(root / "UserBehavior.csv")
@@ -648,7 +763,9 @@ def test_every_loader_output_converts_to_a_batch_with_its_saved_schema(name, tmp
 
 
 def test_unknown_data_set_and_missing_file_are_named(tmp_path):
-    with pytest.raises(ValueError, match="'avazu'.*movielens-100k, criteo, taobao, kuairand"):
+    with pytest.raises(ValueError, match="'frappe'.*movielens-100k, criteo, taobao, kuairand, avazu"):
+        prepare("frappe", tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="train.csv"):
         prepare("avazu", tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="u.data"):
         prepare("movielens-100k", tmp_path, tmp_path / "out")
@@ -665,17 +782,25 @@ def test_real_movielens_100k_sizes_and_histories(shared_data, tmp_path):
     assert sizes == {"train": 58_284, "valid": 7_286, "test": 7_285}  # 72,855 after dropping 3s
     assert sum(t.column("label").to_numpy().sum() for t in tables.values()) == 55_375  # 4s and 5s
     schema = Schema.load(out)
-    assert schema.feature("user_id").vocab_size == 944
-    assert schema.feature("item_id").vocab_size == 1683
     for split in SPLITS:
         to_batch(tables[split], schema, source=split)
 
     raw = np.loadtxt(shared_data / "movielens-100k" / "u.data", dtype=np.int64)
     user, item, time = raw[:, 0], raw[:, 1], raw[:, 3]
     train = tables["train"]
+    train_rows = train.column("row").to_numpy()
+    # an independent count: pandas over the train rows' raw ids, kept if seen at least twice
+    for name, values in (("user_id", user), ("item_id", item)):
+        counts = pd.Series(values[train_rows]).value_counts()
+        assert schema.feature(name).vocabulary == sorted(counts.index[counts >= 2].tolist())
+        assert schema.feature(name).vocab_size == int((counts >= 2).sum()) + 2
+        ids = train.column(name).to_numpy()
+        assert (ids >= 2).all() == (counts.min() >= 2)  # train ids are never missing
+    item_id = vocabulary_of(item[train_rows])
     lengths = np.diff(train.column("history").combine_chunks().offsets.to_numpy())
     assert lengths.max() == 50 and lengths.min() == 0
     for r in np.random.default_rng(0).choice(train.num_rows, 200, replace=False):
         row = train.slice(r, 1).to_pylist()[0]
-        expected = brute_force_history(user, time, item, row["user_id"], row["timestamp"], 50)
-        assert row["history"] == expected
+        expected = brute_force_history(user, time, item, user[row["row"]], row["timestamp"], 50)
+        assert row["history"] == [item_id(i) for i in expected]
+        assert row["item_id"] == item_id(item[row["row"]])
