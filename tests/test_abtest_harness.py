@@ -312,3 +312,47 @@ def test_verb_writes_frames_report_and_ray_log_under_the_final_name_only(ray_loc
     summary = json.loads((out / "result.json").read_text())
     assert set(summary["gte"]) >= {"watch_minutes", "active_creators"}
     assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.ray
+def test_an_http_arm_through_recray_serve_ranks_like_the_same_model_in_process(ray_local,
+                                                                              tmp_path):
+    """A real `recray serve` app on loopback: the arm that calls /v1/rank serves the same slates
+    as a model arm scoring the same run folder in process (one row path, offline = online)."""
+    import torch
+    from ray import serve
+
+    from recray import models
+    from recray.platform.config import TrainConfig
+    from recray.platform.run_folder import write_run_folder
+    from recray.platform.serve import deploy, load_serve_config
+    from recray.simulators.logging_policy import LogConfig, schema_for_log, simulate_creator_log
+
+    schema = schema_for_log(simulate_creator_log(LogConfig(num_users=60, days=1, world=WORLD)))
+    schema.save(tmp_path / "schema.yaml")
+    torch.manual_seed(0)
+    model = models.build("dnn", schema)
+    run_dir = tmp_path / "run"
+    write_run_folder(run_dir, TrainConfig.model_validate(
+        {"data": {"path": str(tmp_path)}, "model": {"name": "dnn"}}), schema,
+        model.state_dict(), {})
+    port = _closed_port()
+    (tmp_path / "serve.yaml").write_text(json.dumps({
+        "port": port, "num_replicas": 1, "cpus_per_replica": 0.5,
+        "variants": [{"name": "candidate", "run_dir": str(run_dir)}]}))
+    url = deploy(load_serve_config(tmp_path / "serve.yaml"))
+    try:
+        arms = {"http": {"url": url, "variant": "candidate", "concurrency": 4},
+                "model": {"run_dir": str(run_dir)}}
+        results = {}
+        for kind, spec in arms.items():
+            cfg = config(users=40, days=2, gte=False, arms=[
+                {"name": "control", "share": 0.5, "policy": "popularity"},
+                {"name": "candidate", "share": 0.5, kind: spec}])
+            validate(cfg)
+            results[kind] = run_world(cfg, seed=0)
+    finally:
+        serve.shutdown()
+    assert results["http"].failures == []
+    pd.testing.assert_frame_equal(results["http"].users, results["model"].users)
+    assert results["http"].users.query("arm == 'candidate'")["clicks"].sum() > 0
