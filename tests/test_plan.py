@@ -51,13 +51,16 @@ def test_plan_places_every_table_within_each_gpu(world, tmp_path, capsys):
             held[r] += share
     assert max(held) < HBM
     assert len(plan["per_rank"]) == world
-    assert all(rank["hbm_bytes"] < HBM for rank in plan["per_rank"])
+    # 80 GiB GPUs hold it all: nothing spills to host memory.
+    assert all(r["hbm_bytes"] < HBM and r["ddr_bytes"] == 0 for r in plan["per_rank"])
     assert printed.count("  rank ") == world
 
 
 def test_a_cluster_too_small_is_refused_naming_the_table(capsys):
-    """26 tables of 97 GiB cannot fit 2 x 16 GiB: refused with the largest table and the budget."""
-    assert main(["plan", str(CONFIG), "--world-size", "2", "--device", "cuda", "--hbm-gb", "16"]) == 2
+    """97 GiB of tables cannot fit 2 GPUs of 16 GiB with 16 GiB of host memory each to spill to
+    (UVM): refused with the largest table and the budget."""
+    assert main(["plan", str(CONFIG), "--world-size", "2", "--device", "cuda", "--hbm-gb", "16",
+                 "--host-gb", "16"]) == 2
     err = capsys.readouterr().err
     assert "2 workers x 16 GiB of HBM" in err and "table 'C1' (40,000,000 x 128)" in err
 

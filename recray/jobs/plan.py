@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HBM per GPU in GiB (--device cuda); default sharding.memory_per_worker")
     parser.add_argument("--memory-gb", type=float,
                         help="memory per CPU worker in GiB (--device cpu)")
+    parser.add_argument("--host-gb", type=float,
+                        help="host memory per GPU in GiB that tables may spill to behind an HBM "
+                             "cache (UVM kernels; --device cuda); default TorchRec's 128")
     parser.add_argument("--local-world-size", type=int, default=8,
                         help="ranks per node: NVLink inside a node, network between (default 8)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,26 +71,30 @@ def run(args: argparse.Namespace) -> int:
     local = min(args.local_world_size, world)
     started = time.perf_counter()
     try:
-        planner, plan = plan_within_budget(model, sharding, optimizer.name, world,
-                                           batch_size=cfg.train.batch_size, local_world_size=local)
+        planner, plan = plan_within_budget(
+            model, sharding, optimizer.name, world, batch_size=cfg.train.batch_size,
+            local_world_size=local,
+            host_memory_per_worker=int(args.host_gb * 2**30) if args.host_gb else None)
     except MemoryBudgetError as e:
         raise ConfigError(str(e)) from None
     seconds = time.perf_counter() - started
     sizes = embedding_tables(model)
     per_rank = rank_memory(planner, world)
     kind = "HBM" if device == "cuda" else "DDR"
-    key = "hbm_bytes" if device == "cuda" else "ddr_bytes"
     budget = f"{memory / 2**30:.3g} GiB {kind} each" if memory else f"TorchRec's default {kind}"
     print(f"{cfg.model.name}: {len(sizes)} tables, {4 * sum(sizes.values()) / 2**30:.1f} GiB of "
           f"fp32 weights, on {world} x {device} ({budget}, {local} per node), batch "
           f"{cfg.train.batch_size} per rank; {optimizer}; planned in {seconds:.1f} s")
     print(describe_plan(plan, world, sizes, per_rank=False))
-    print(f"per-rank memory (TorchRec's estimate: weights, optimizer state, input/output buffers; "
-          f"{kind}):")
+    print("per-rank memory (TorchRec's estimate: weights, optimizer state, input/output buffers):")
     for rank, used in enumerate(per_rank):
-        print(f"  rank {rank}: {used[key] / 2**30:.2f} GiB")
-    heaviest = max(used[key] for used in per_rank)
-    print(f"  heaviest rank {heaviest / 2**30:.2f} GiB; all ranks {sum(u[key] for u in per_rank) / 2**30:.1f} GiB")
+        host = f", host {used['ddr_bytes'] / 2**30:.2f} GiB" if device == "cuda" else ""
+        device_bytes = used["hbm_bytes" if device == "cuda" else "ddr_bytes"]
+        print(f"  rank {rank}: {kind} {device_bytes / 2**30:.2f} GiB{host}")
+    for key, name in (("hbm_bytes", "HBM"), ("ddr_bytes", "host")):
+        if any(u[key] for u in per_rank):
+            print(f"  {name}: heaviest rank {max(u[key] for u in per_rank) / 2**30:.2f} GiB, all "
+                  f"ranks {sum(u[key] for u in per_rank) / 2**30:.1f} GiB")
     if args.json:
         tables = {f"{path}.{table}": {"sharding_type": p.sharding_type, "ranks": p.ranks}
                   for path, params in plan.plan.items() for table, p in params.items()}

@@ -232,8 +232,13 @@ def make_planner(
     local_world_size: int | None = None,
     batch_size: int = 512,
     constraints: dict[str, Any] | None = None,
+    host_memory_per_worker: int | None = None,
 ):
-    """TorchRec's planner over `world` ranks whose memory (HBM on CUDA, DDR on CPU) is the budget."""
+    """TorchRec's planner over `world` ranks whose memory (HBM on CUDA, DDR on CPU) is the budget.
+
+    On CUDA the planner may also keep tables in host memory behind an HBM cache (UVM kernels):
+    host_memory_per_worker bounds that (default TorchRec's 128 GiB).
+    """
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
@@ -241,6 +246,8 @@ def make_planner(
     memory = {}
     if memory_per_worker is not None:
         memory = {"hbm_cap_bytes" if device_type == "cuda" else "ddr_cap_bytes": memory_per_worker}
+    if host_memory_per_worker is not None and device_type == "cuda":
+        memory["ddr_cap_bytes"] = host_memory_per_worker
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world, local_world_size=local_world_size or world, **memory),
         kernel_config=KernelConfig(compute_device=device_type),
@@ -272,6 +279,7 @@ def plan_within_budget(
     *,
     batch_size: int = 512,
     local_world_size: int | None = None,
+    host_memory_per_worker: int | None = None,
 ):
     """-> (planner, plan) for `world` ranks of sharding.memory_per_worker, with no process group.
 
@@ -289,7 +297,7 @@ def plan_within_budget(
     planner = make_planner(
         model, world, sharding.device, memory_per_worker=sharding.memory_per_worker,
         reserved_fraction=sharding.memory_reserved_fraction, local_world_size=local_world_size,
-        batch_size=batch_size,
+        batch_size=batch_size, host_memory_per_worker=host_memory_per_worker,
         constraints=table_constraints(sizes, sharding.default_type, sharding.tables,
                                       sharding.device),
     )
