@@ -283,12 +283,28 @@ def _test_auc_of(run_dir: Path, data_dir: Path) -> float:
     return roc_auc_score(table.column(run.schema.labels[0]).to_numpy(), probs)
 
 
+def _checkpointed(folder: Path, trial: str) -> bool:
+    """Whether the trial's run folder holds a whole checkpoint (its weights and epoch written)."""
+    return any((c / "state.pt").is_file() for c in folder.glob(f"trials/t-{trial}-*/*")
+               if (c / "epoch.json").is_file())
+
+
+def _trial_ids(folder: Path) -> list[str]:
+    return sorted({p.name.split("-")[1] for p in folder.glob("trials/t-*")})
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_take(
+def test_search_killed_mid_trial_resumes_from_its_checkpoint_and_exports_what_train_and_serve_take(
     sim_dir, tmp_path
 ):
     cfg = _config(sim_dir, tmp_path)
+    # Two trials of one family, in order: the first finishes before the kill, the second is
+    # killed between its first checkpoint and its end (3 epochs leave two to go). FIFO: no
+    # scheduler decision can end the second trial early.
+    cfg["train"]["epochs"] = 3
+    cfg["search"] |= {"space": {"train.lr": {"grid": [0.01, 0.003]}},
+                      "models": {"dcnv2": {}}, "scheduler": {"name": "fifo", "options": {}}}
     path = _write(tmp_path, cfg)
     command = [sys.executable, "-m", "recray.cli", "tune", str(path)]
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
@@ -297,51 +313,100 @@ def test_search_killed_after_one_trial_resumes_and_exports_what_train_and_serve_
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log,
                               start_new_session=True)
     deadline = time.monotonic() + 600
-    folder = None
-    while time.monotonic() < deadline and driver.poll() is None:
+    folder = second = None
+    while time.monotonic() < deadline and driver.poll() is None and second is None:
         folders = list((tmp_path / "runs").glob("t-*"))
-        if folders and _terminated_trials(folders[0]):
-            folder = folders[0]
-            break
-        time.sleep(1)
-    assert folder is not None, (tmp_path / "first.log").read_text()[-3000:]
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray die together, mid-search
+        finished = _terminated_trials(folders[0]) if folders else []
+        running = [t for t in _trial_ids(folders[0]) if t not in finished] if folders else []
+        if finished and running and _checkpointed(folders[0], running[0]):
+            folder, second = folders[0], running[0]
+        time.sleep(0.2)
+    assert second is not None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray die together, mid-trial
     driver.wait()
     first = _finished_runs(folder)
     assert len(first) == 1 and not (folder / "trials.csv").exists()
-    assert first[0].name.split("-")[1] == _terminated_trials(folder)[0]
+    first_trial = first[0].name.split("-")[1]
+    assert first_trial == _terminated_trials(folder)[0] != second
 
     done = subprocess.run(command + ["--resume", "--max-latency-ms", "1000"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout and "Pareto front" in done.stdout
 
-    rows = list(csv.DictReader(open(folder / "trials.csv")))
-    # Every trial once: two families x one sample. The trial finished before the kill kept its
-    # one run folder (not rerun); the other ran after the restore, to the end or until ASHA
-    # stopped it at epoch 1.
-    statuses = {r["trial"]: (r["family"], r["status"], int(r["epochs_done"])) for r in rows}
-    assert len(rows) == 2 and sorted(f for f, _, _ in statuses.values()) == ["dcnv2", "lr"]
-    first_trial = first[0].name.split("-")[1]
-    assert statuses[first_trial][1:] == ("finished", 2)
-    assert all((s, e) in {("finished", 2), ("stopped", 1)} for _, s, e in statuses.values())
-    assert len(list((folder / "trials").glob(f"t-{first_trial}-*"))) == 1
-    runs = _finished_runs(folder)
-    assert first[0] in runs and len(runs) == sum(s == "finished" for _, s, _ in statuses.values())
-    for name in ("pareto.csv", "pareto.png", "summary.json", "best/train.yaml"):
+    rows = {r["trial"]: r for r in csv.DictReader(open(folder / "trials.csv"))}
+    # Every trial once, both to the end; the finished one was not rerun, the killed one went
+    # on from its checkpoint (epoch 0 or later) in its own run folder, not from scratch.
+    assert sorted(rows) == sorted([first_trial, second])
+    assert all((r["status"], r["epochs_done"]) == ("finished", "3") for r in rows.values())
+    assert rows[first_trial]["resumed_from_epoch"] == "-1"
+    assert 0 <= int(rows[second]["resumed_from_epoch"]) < 2
+    for trial in rows:
+        assert len(list((folder / "trials").glob(f"t-{trial}-*"))) == 1
+    assert first[0] in _finished_runs(folder) and len(_finished_runs(folder)) == 2
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["placement_groups_left"] == 0
+    for name in ("pareto.csv", "pareto.png", "best/train.yaml"):
         assert (folder / name).is_file(), name
 
     # best/train.yaml is a config `recray train` takes as it is: its checks pass, and it names
     # the chosen trial's model and values.
-    best_row = max((r for r in rows if r["status"] == "finished"),
-                   key=lambda r: float(r["valid_auc"]))
+    best_row = max(rows.values(), key=lambda r: float(r["valid_auc"]))
     best_train = load_train_config(folder / "best" / "train.yaml")
     validate(best_train)
-    assert best_train.model.name == best_row["family"]
-    assert isinstance(best_train, TrainConfig) and best_train.train.epochs == 2
+    assert best_train.model.name == "dcnv2" and best_train.resume is None
+    assert best_train.train.lr == json.loads(best_row["params"])["train"]["lr"]
     # best/model is a run folder serve loads; its weights score the test split as the trial did.
     assert _test_auc_of(folder / "best" / "model", sim_dir) == pytest.approx(
         float(best_row["test_auc"]), abs=1e-6)
+
+
+# Ray Train's placement-group cleaner, run the way it runs inside a trial: a worker of the
+# search's Ray asks the state API whether an actor is alive.
+_CLEANER_PROBE = """
+import ray
+from recray.platform.tune import start_ray
+
+start_ray()
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def own_liveness(self):
+        import time
+        from ray.train.v2._internal.state.util import is_actor_alive
+        from ray.util.state.exception import RayStateApiException
+
+        for _ in range(30):  # the dashboard may still be starting (the cleaner retries too)
+            try:
+                return is_actor_alive(ray.get_runtime_context().get_actor_id(), timeout=10)
+            except RayStateApiException:
+                time.sleep(1)
+
+print("alive", ray.get(Probe.remote().own_liveness.remote()), flush=True)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_train_placement_group_cleaner_reaches_the_search_ray_beside_another_ray(tmp_path):
+    """Regression: with a second Ray on the host, the cleaner's state-API lookup raised
+    "Found multiple active Ray instances", its thread died, and each trial that ASHA stopped
+    kept its workers' CPUs, starving the next trial's Ray Data on 2 CPUs."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, "
+         "include_dashboard=False); print('up', flush=True); time.sleep(300)"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        probe = subprocess.run([sys.executable, "-c", _CLEANER_PROBE], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=240)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        assert "alive True" in probe.stdout
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
 
 
 def test_submit_checks_a_tune_config_and_its_data_before_submitting(tmp_path):

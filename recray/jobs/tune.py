@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recray.jobs import main_for
+from recray.jobs import main_for, output_to_file
 from recray.jobs.train import parse_overrides
 from recray.platform.config import ConfigError
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.max_latency_ms is not None:
         overrides["search.max_latency_ms"] = args.max_latency_ms
-    tune_search(load_tune_config(path, overrides), resume=args.resume)
+    tune_search(load_tune_config(path, overrides), resume=args.resume, log_to=output_to_file)
     return 0
 
 

@@ -20,8 +20,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +51,7 @@ DATA_SPACE = {
     "data.max_history_length": "every sequence feature cut to its newest N items",
 }
 SEARCHERS = ("random", "optuna")
+TRIAL_CPU = 0.01  # a trial only waits on its TorchTrainer (Tune refuses 0)
 
 
 # --- the search section ---------------------------------------------------------------------------
@@ -676,7 +679,13 @@ def placement_groups_left(before: set[str], remove: bool, wait_s: float = 30.0) 
 
 
 class TrialLines(tune.Callback):
-    """One line per finished, stopped or failed trial, instead of Tune's pages of tables."""
+    """One line per finished, stopped or failed trial, instead of Tune's pages of tables.
+
+    The stream is the class's: Tune pickles its callbacks with the experiment and a restored
+    search gets the unpickled ones, which could not carry a terminal stream.
+    """
+
+    out: TextIO | None = None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
@@ -684,11 +693,12 @@ class TrialLines(tune.Callback):
         state = "finished" if "run_dir" in r else f"stopped after epoch {done}"
         print(f"trial {trial.trial_id} {r.get('family', '?'):<8} {state:<22} "
               f"valid_auc {r.get(METRIC, float('nan')):.4f}  "
-              f"p99 {r.get('p99_ms', float('nan')):.2f} ms", flush=True)
+              f"p99 {r.get('p99_ms', float('nan')):.2f} ms", file=self.out or sys.stdout,
+              flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"trial {trial.trial_id} {trial.config.get('family', '?'):<8} failed "
-              "(its error is in trials.csv)", flush=True)
+              "(its error is in trials.csv)", file=self.out or sys.stdout, flush=True)
 
 
 def collect(grid: Any) -> list[dict[str, Any]]:
@@ -813,12 +823,16 @@ def export_best(folder: Path, best: dict[str, Any], cfg: TuneConfig) -> Path:
     return out
 
 
-def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
-    """Validate, run (or restore) the search, write the front and export the best trial."""
+def tune_search(cfg: TuneConfig, resume: str | None = None,
+                log_to: Callable[[Path], AbstractContextManager[TextIO]] | None = None
+                ) -> dict[str, Any]:
+    """Validate, run (or restore) the search, write the front and export the best trial.
+
+    `log_to(path)`: a context that sends the process's output (Ray's, Tune's) to the file at
+    `path` in the tune folder and yields the terminal for the search's own progress lines (the
+    CLI passes `recray.jobs.output_to_file`); without it everything prints as it comes.
+    """
     schema = validate_search(cfg)
-
-    import ray
-
     folder, restoring = tune_folder(cfg, resume)
     if restoring:  # the search as it started: its paths and space, whatever CONFIG says now
         saved = parse(TuneConfig, yaml.safe_load((folder / "search.yaml").read_text()),
@@ -829,32 +843,44 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
     else:
         (folder / "search.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    with log_to(folder / "ray.log") if log_to else nullcontext(sys.stdout) as out:
+        return _search(cfg, schema, folder, restoring, out)
+
+
+def _search(cfg: TuneConfig, schema: Schema, folder: Path, restoring: bool,
+            out: TextIO) -> dict[str, Any]:
+    import ray
+
+    TrialLines.out = out
     own_ray = not ray.is_initialized()
     if own_ray:
         start_ray()
     cpus = ray.cluster_resources().get("CPU", 0)
-    needed = cfg.search.max_concurrent_trials * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # Ray Data's read tasks take a whole CPU: the trials' actors and workers must leave one.
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU
+    needed = cfg.search.max_concurrent_trials * per_trial
     if needed > cpus - 1 and not cfg.scaling.allow_autoscale:
         raise ConfigError(
             f"search.max_concurrent_trials: {cfg.search.max_concurrent_trials} trials x "
-            f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} CPU need "
-            f"{needed:g} CPUs and Ray Data 1 more; the cluster has {cpus:g}")
+            f"({cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} CPU + "
+            f"{TRIAL_CPU:g} for the trial) need {needed:g} CPUs and Ray Data 1 more; the "
+            f"cluster has {cpus:g}: lower max_concurrent_trials or scaling.cpus_per_worker")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.base().model_dump(mode="json"),
                              schema=schema.model_dump(), latency=cfg.search.latency.model_dump(),
                              trial_runs=str(folder / "trials"), views=str(folder / "data")),
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
-        {"CPU": 0.01},
+        {"CPU": TRIAL_CPU},
     )
     started = time.perf_counter()
     if restoring:
         print(f"resuming {folder}: finished trials are kept, unfinished ones continue from their "
-              "last checkpoint", flush=True)
+              "last checkpoint", file=out, flush=True)
         tuner = tune.Tuner.restore(str(folder / EXPERIMENT), trainable, resume_unfinished=True,
                                    restart_errored=False)
     else:
         print(f"searching {len(families(cfg))} families x {cfg.search.num_samples} samples -> "
-              f"{folder}", flush=True)
+              f"{folder} (Ray's logs: {folder / 'ray.log'})", file=out, flush=True)
         optuna = cfg.search.searcher == "optuna"
         tuner = tune.Tuner(
             trainable,
@@ -876,7 +902,7 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
     left = placement_groups_left(held_before, remove=own_ray)
     if left:
         print(f"warning: {left} placement group(s) of stopped trials were still held after the "
-              "search" + (" (removed now)" if own_ray else ""), file=sys.stderr)
+              "search" + (" (removed now)" if own_ray else ""), file=out, flush=True)
     trials = collect(grid)
     finished = [t for t in trials if t["status"] == "finished"]
     front = pareto_front([(t["valid_auc"], t["p99_ms"]) for t in finished])
@@ -896,14 +922,14 @@ def tune_search(cfg: TuneConfig, resume: str | None = None) -> dict[str, Any]:
     try:
         best = pick_best(trials, cfg.search.max_latency_ms)
     except ConfigError:
-        print(write_reports(folder, trials, front, None), flush=True)
+        print(write_reports(folder, trials, front, None), file=out, flush=True)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         raise
-    print(write_reports(folder, trials, front, best), flush=True)
+    print(write_reports(folder, trials, front, best), file=out, flush=True)
     summary["best"] = {k: best[k] for k in ("trial", "family", "valid_auc", "test_auc", "p50_ms",
                                              "p99_ms", "params")}
     summary["best"]["exported"] = str(export_best(folder, best, cfg))
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"best: trial {best['trial']} ({best['family']}) valid AUC {best['valid_auc']:.4f}, "
-          f"p99 {best['p99_ms']:.2f} ms -> {summary['best']['exported']}", file=sys.stderr)
+          f"p99 {best['p99_ms']:.2f} ms -> {summary['best']['exported']}", file=out, flush=True)
     return summary
