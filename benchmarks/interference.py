@@ -83,20 +83,28 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--replicates", type=int, default=4)
+    parser.add_argument("--local", action="store_true",
+                        help="run the experiments one by one in this process, without Ray "
+                             "(same numbers: the harness is Ray-free)")
     parser.add_argument("--out", default="benchmarks/results/interference.json")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    from recray.platform.abtest import run_many
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
     designs = ("user", "creator", "cluster")
     configs = [experiment(d, args.users, args.days, seed) for seed in range(args.replicates)
                for d in designs]
-    results = run_many(configs, seeds=[cfg.seeds[0] for cfg in configs])
-    ray.shutdown()
+    if args.local:
+        from recray.abtest.harness import run_experiment
+
+        results = [run_experiment(cfg, cfg.seeds[0]) for cfg in configs]
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        from recray.platform.abtest import run_many
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        results = run_many(configs, seeds=[cfg.seeds[0] for cfg in configs])
+        ray.shutdown()
     by = {(cfg.design, cfg.seeds[0]): r for cfg, r in zip(configs, results, strict=True)}
     seeds = range(args.replicates)
     gte = {m: interval([by["user", s].gte[m] for s in seeds]) for m in (USER_METRIC,
@@ -127,6 +135,7 @@ def main() -> None:
                          "designs": rows(CREATOR_METRIC, creator_estimate, designs),
                          "gte": gte[CREATOR_METRIC][0], "gte_ci": list(gte[CREATOR_METRIC][1:])},
         "seconds": round(time.perf_counter() - started, 1),
+        "ran_on": "one process (--local)" if args.local else "Ray tasks (run_many)",
         "load_average_at_start": round(os.getloadavg()[0], 2),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -356,3 +356,16 @@ def test_an_http_arm_through_recray_serve_ranks_like_the_same_model_in_process(r
     assert results["http"].failures == []
     pd.testing.assert_frame_equal(results["http"].users, results["model"].users)
     assert results["http"].users.query("arm == 'candidate'")["clicks"].sum() > 0
+
+
+def test_clickbait_against_kale_is_ahead_on_day_one_and_behind_later():
+    """configs/abtest-longterm.yaml, smaller: the novelty effect the statistics must flag."""
+    from recray.abtest.config import load_config
+
+    cfg = load_config("configs/abtest-longterm.yaml").model_copy(update={"users": 1500,
+                                                                          "days": 12})
+    users = run_world(cfg, seed=0).users
+    lift = users[users["day"] >= 0].groupby(["day", "arm"])["watch_minutes"].mean().unstack()
+    lift = lift["clickbait"] - lift["kale"]
+    assert lift.iloc[0] > 0
+    assert lift.iloc[-4:].mean() < 0
