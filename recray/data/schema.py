@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -189,10 +190,22 @@ class Schema(BaseModel):
         path = Path(path)
         if path.is_dir():
             path = path / "schema.yaml"
-        data = self.model_dump(exclude_defaults=True)
+        data = self.model_dump(exclude_defaults=True, exclude={"features": {"__all__": {"vocabulary"}}})
         data["labels"] = list(self.labels)
-        with open(path, "w") as fh:
-            yaml.dump(data, fh, Dumper=_DUMPER, sort_keys=False)
+        # A vocabulary is written as one JSON array (valid YAML flow sequence): yaml.dump would
+        # build a node per value first, hundreds of bytes each for millions of values.
+        for fields, feature in zip(data["features"], self.features, strict=True):
+            if feature.vocabulary is not None:
+                fields["vocabulary"] = f"VOCABULARY_OF_{feature.name}_ENDS"
+        text = yaml.dump(data, Dumper=_DUMPER, sort_keys=False)
+        for feature in self.features:
+            if feature.vocabulary is not None:
+                text = text.replace(
+                    f"vocabulary: VOCABULARY_OF_{feature.name}_ENDS\n",
+                    f"vocabulary: {json.dumps(feature.vocabulary)}\n",
+                    1,
+                )
+        path.write_text(text)
         return path
 
 
