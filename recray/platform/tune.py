@@ -844,7 +844,8 @@ def tune_search(cfg: TuneConfig, resume: str | None = None,
         (folder / "search.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     with log_to(folder / "ray.log") if log_to else nullcontext(sys.stdout) as out:
-        return _search(cfg, schema, folder, restoring, out)
+        summary = _search(cfg, schema, folder, restoring, out)
+    return _export(cfg, folder, summary)
 
 
 def _search(cfg: TuneConfig, schema: Schema, folder: Path, restoring: bool,
@@ -919,6 +920,15 @@ def _search(cfg: TuneConfig, schema: Schema, folder: Path, restoring: bool,
                    for i in front],
         "trial_rows": trials,
     }
+    return summary
+
+
+def _export(cfg: TuneConfig, folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Reports of the search and the chosen trial's export (a budget none meets: ConfigError)."""
+    out = sys.stdout
+    trials = summary["trial_rows"]
+    finished = [t for t in trials if t["status"] == "finished"]
+    front = pareto_front([(t["valid_auc"], t["p99_ms"]) for t in finished])
     try:
         best = pick_best(trials, cfg.search.max_latency_ms)
     except ConfigError:
