@@ -411,7 +411,11 @@ def param_space(cfg: TuneConfig) -> dict[str, Any]:
 
 
 def search_algorithm(cfg: TuneConfig) -> Any:
-    """Tune's searcher the config names, seeded with the config's seed."""
+    """Tune's searcher the config names, seeded with the config's seed.
+
+    Tune limits the concurrency of a `Searcher` it is given (ConcurrencyLimiter), but not of a
+    variant generator: that one takes max_concurrent itself.
+    """
     if cfg.search.searcher == "optuna":
         import warnings
 
@@ -424,7 +428,8 @@ def search_algorithm(cfg: TuneConfig) -> Any:
         return OptunaSearch(metric=[METRIC, "p99_ms"], mode=["max", "min"], seed=cfg.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.seed)
+    return BasicVariantGenerator(random_state=cfg.seed,
+                                 max_concurrent=cfg.search.max_concurrent_trials)
 
 
 def request_rows(data_path: str, candidates: int) -> pa.Table:
