@@ -44,16 +44,30 @@ def lts(runs: Path, iterations: int | None, users: int, log) -> tuple[dict, dict
     over = {"iterations": iterations} if iterations else {}
     result = _train("configs/rl-lts.yaml", runs, over, log)
     sensitivity = result["cfg"].env.params["sensitivity"]
-    policy = LearnedPolicy.load(result["policy"], env_id=LONG_TERM_SATISFACTION)
+
+    def greedy(path: Path) -> float:
+        policy = LearnedPolicy.load(path, env_id=LONG_TERM_SATISFACTION)
+        return float(episode_returns(LONG_TERM_SATISFACTION, policy, users, seed=EVAL_SEED,
+                                     sensitivity=sensitivity).mean())
+
     figures = {
         "sensitivity": sensitivity,
-        "ppo": float(episode_returns(LONG_TERM_SATISFACTION, policy, users, seed=EVAL_SEED,
-                                     sensitivity=sensitivity).mean()),
+        "ppo": greedy(Path(result["policy"])),
         "kale": mean_return(LONG_TERM_SATISFACTION, "kale", users, EVAL_SEED, sensitivity=sensitivity),
         "myopic": mean_return(LONG_TERM_SATISFACTION, "myopic", users, EVAL_SEED,
                               sensitivity=sensitivity),
+        # The greedy policy of every checkpoint on the unseen users: the curve's other half.
+        "checkpoints": checkpoint_returns(result, greedy),
     }
     return figures, result
+
+
+def checkpoint_returns(result: dict, evaluate) -> list[dict]:
+    steps = {x["iteration"]: x["env_steps"] for x in result["history"]}
+    found = sorted((Path(result["run_dir"]) / "checkpoints").glob("iter_*/policy.pt"))
+    return [{"iteration": int(p.parent.name.split("_")[1]),
+             "env_steps": steps.get(int(p.parent.name.split("_")[1])),
+             "greedy_return": evaluate(p)} for p in found]
 
 
 def iev(runs: Path, iterations: int | None, users: int, log) -> tuple[dict, dict]:
@@ -136,7 +150,9 @@ def curve_png(result: dict, figures: dict, path: Path) -> None:
     ax.plot(steps, returns, marker="o", label="PPO (training episodes, explore)")
     ax.axhline(figures["kale"], color="green", ls="--", label="kale (least clickbait)")
     ax.axhline(figures["myopic"], color="red", ls="--", label="myopic (most clickbait)")
-    ax.axhline(figures["ppo"], color="C0", ls=":", label="PPO greedy on unseen users")
+    points = [c for c in figures["checkpoints"] if c["env_steps"] is not None]
+    ax.plot([c["env_steps"] for c in points], [c["greedy_return"] for c in points], "s",
+            color="C1", ms=8, label="PPO checkpoint, greedy, unseen users")
     ax.set_xlabel("env steps")
     ax.set_ylabel("mean episode return")
     ax.set_title(f"LongTermSatisfaction, sensitivity {figures['sensitivity']}")

@@ -103,6 +103,17 @@ def test_bad_configs_are_refused_naming_the_field(tmp_path):
         assert message in str(caught.value), (change, str(caught.value))
 
 
+def test_submit_checks_an_rl_config_before_submitting(tmp_path):
+    from recray.platform.submit import check_config, entrypoint
+
+    _write(tmp_path / "rl.yaml", {"name": "x", "env": {"id": "iev"}})
+    check_config("rl.yaml", tmp_path, {"rl.yaml"}, {"num_env_runners": 4})
+    with pytest.raises(ConfigError, match="slate_size"):
+        check_config("rl.yaml", tmp_path, {"rl.yaml"}, {"env.params.slate_size": 11})
+    assert entrypoint("rl", "rl.yaml", {"iterations": 3}) == (
+        "python -m recray.jobs.rl --config rl.yaml --set iterations=3")
+
+
 def test_a_checkpoint_of_another_env_is_refused(tmp_path):
     from recray.platform.rl import RLConfig, run_folder
 
