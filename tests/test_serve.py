@@ -10,6 +10,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -107,6 +108,143 @@ def test_dcp_shards_of_a_wrapped_model_load_without_a_process_group(data_dir, tm
     run = load_run_folder(tmp_path / "run")
     for name, value in model.state_dict().items():
         assert torch.equal(run.model.state_dict()[name], value), name
+
+
+def _sharded_rank(rank: int, data_dir, run_dir, port: int) -> None:
+    """One of 2 gloo ranks: a column-wise sharded DCN-v2 (TorchRec DMP) takes one SGD step on a
+    user's rows, scores them (a collective forward), and every rank saves its shards by DCP."""
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from recray.platform.sharding import build_for_sharding, shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    schema = Schema.load(data_dir)
+    model, optimizer, _ = shard(
+        build_for_sharding("dcnv2", schema, {}, seed=0), default_type="column_wise",
+        table_types={}, embedding_optimizer="sgd", embedding_lr=0.5,
+        dense_optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        device=torch.device("cpu"))
+    batch = to_batch(offline_rows(data_dir), schema)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # fbgemm's sharded lookup has no inference-mode kernel
+        scores = torch.sigmoid(model(batch))
+    if rank == 0:
+        torch.save(scores, run_dir / "sharded_scores.pt")
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(run_dir / "model" / "dcp"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.ray
+def test_a_run_sharded_over_two_ranks_serves_from_its_dcp_shards_with_the_same_scores(
+        data_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    from recray.platform.serve import ServeConfig, request_model, request_rows, requests_batch
+
+    run_dir = tmp_path / "run"
+    trained_run(data_dir, run_dir, "dcnv2", seed=9)  # config and schema; weights replaced:
+    (run_dir / "model" / "weights.pt").unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sharded_rank, args=(data_dir, run_dir, port), nprocs=2,
+                       start_method="spawn")
+    sharded = torch.load(run_dir / "sharded_scores.pt", weights_only=True)
+    run = load_run_folder(run_dir)  # one process, no process group: DCP reshards
+    schema = run.schema
+    cfg = ServeConfig(variants=[{"name": "default", "run_dir": str(run_dir)}])
+    body = request_model(schema, cfg).model_validate(body_for(offline_rows(data_dir)))
+    with torch.inference_mode():
+        offline = torch.sigmoid(run.model(to_batch(offline_rows(data_dir), schema)))
+        online = torch.sigmoid(run.model(requests_batch(
+            [request_rows(body, schema)], schema, {"user_id", "user_segment", "history"})))
+    torch.testing.assert_close(offline, sharded, rtol=0, atol=1e-6)
+    torch.testing.assert_close(online, sharded, rtol=0, atol=1e-6)
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(data_dir, tmp_path):
+    import os
+    import pickle
+
+    trained_run(data_dir, tmp_path / "run", "lr", seed=0)
+    (tmp_path / "run" / "model" / "weights.pt").unlink()
+    shards = tmp_path / "run" / "model" / "dcp"
+    shards.mkdir()
+    witness = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {witness}",)
+
+    (shards / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ConfigError, match=r"global posix.system is not allowed"):
+        load_run_folder(tmp_path / "run")
+    assert not witness.exists()
+
+
+# --- user features looked up once per request ----------------------------------------------------
+def _count_lookups(model: torch.nn.Module) -> dict[int, int]:
+    """{id of each FeatureEmbedding: ids its tables looked up}, counted by forward hooks."""
+    from recray.models.layers import FeatureEmbedding
+
+    looked_up: dict[int, int] = {}
+
+    def counter(key: int):
+        def hook(module, args, kwargs, output):
+            looked_up[key] += (args[0] if args else kwargs["input"]).numel()
+        return hook
+
+    for embedding in (m for m in model.modules() if isinstance(m, FeatureEmbedding)):
+        looked_up[id(embedding)] = 0
+        for table in embedding.modules():
+            if isinstance(table, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                table.register_forward_hook(counter(id(embedding)), with_kwargs=True)
+    return looked_up
+
+
+@pytest.mark.parametrize("name", ["dcnv2", "dnn", "deepfm", "din"])
+def test_user_ids_are_looked_up_once_per_request_and_scores_stay_the_same(name, data_dir):
+    from recray.platform.serve import ServeConfig, request_model, request_rows, requests_batch
+
+    schema = Schema.load(data_dir)
+    torch.manual_seed(5)
+    model = models.build(name, schema).eval()
+    cfg = ServeConfig(variants=[{"name": "default", "run_dir": "."}])
+    RankRequest = request_model(schema, cfg)
+    users = [offline_rows(data_dir, user) for user in (None, 3, 11)]
+    bodies = [RankRequest.model_validate(body_for(rows)) for rows in users]
+    looked_up = _count_lookups(model)
+    with torch.inference_mode():
+        online = torch.sigmoid(model(requests_batch(
+            [request_rows(b, schema) for b in bodies], schema, {"user_id", "user_segment",
+                                                               "history"})))
+    # Independently from the JSON: each request's user ids once, each candidate's own ids.
+    user_ids = sum(2 + len(b.user.history) for b in bodies)
+    candidate_ids = sum(1 + len(c.item_tags if isinstance(c.item_tags, list) else [c.item_tags])
+                        for b in bodies for c in b.candidates)
+    assert set(looked_up.values()) == {user_ids + candidate_ids}
+    with torch.inference_mode():
+        offline = torch.sigmoid(model(to_batch(pa.concat_tables(users), schema)))
+    torch.testing.assert_close(online, offline, rtol=0, atol=1e-6)
+
+
+def test_a_model_that_reads_user_ids_per_row_is_served_with_expanded_rows(data_dir):
+    from recray.platform.serve import shares_user_lookups
+
+    class ReadsIdsItself(torch.nn.Module):  # reads batch.sparse directly, not via FeatureEmbedding
+        def forward(self, batch):
+            return batch.sparse["user_id"].values().float()[:, None]
+
+    schema = Schema.load(data_dir)
+    assert not shares_user_lookups(ReadsIdsItself(), schema, {"user_id", "history"})
+    assert shares_user_lookups(models.build("din", schema).eval(), schema, {"user_id", "history"})
 
 
 # --- config and arms -----------------------------------------------------------------------------
@@ -270,6 +408,30 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_app_still_answers(endpoin
                               bodies))
     assert codes == [200] * 7 + [422]
     assert session.post(f"{url}/v1/rank", json=good).status_code == 200
+
+
+@pytest.mark.ray
+def test_requests_fuzzed_from_the_openapi_schema_get_no_5xx_and_the_app_still_answers(endpoint):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    url, session, _ = endpoint
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {
+        ("POST", "/v1/rank"), ("GET", "/v1/models"), ("GET", "/healthz")}
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=50, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case):
+                case.call_and_validate(checks=[not_a_server_error])
+
+            fuzz()
+    assert session.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
 
 
 @pytest.mark.ray

@@ -101,17 +101,29 @@ class FeatureEmbedding(nn.Module):
     def forward(
         self, features: KeyedJaggedTensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """-> (`{sparse name: [B, dim]}`, `{sequence name: (values [T, dim], offsets [B+1])}`)."""
+        """-> (`{sparse name: [B, dim]}`, `{sequence name: (values [T, dim], offsets [B+1])}`).
+
+        `features` may be TorchRec's variable-batch KJT, whose `inverse_indices` map each of the
+        B rows to a row of its key (serving: one user's ids looked up once and broadcast to all
+        their candidates). The bags expand their output themselves; unpooled lookups are
+        expanded here, after the lookup, so every row gets the vectors of its own ids.
+        """
         pooled = self.bags(features).to_dict() if self.bags is not None else {}
+        rows = _rows_per_key(features)
         sequences = {}
         for collection in self.unpooled.values():
             for name, jagged in collection(features).items():
+                values, lengths = jagged.values(), jagged.lengths()
                 if name in self._pooled_here:
-                    pooled[name] = segment_pool(
-                        jagged.values(), jagged.lengths(), self._pooled_here[name]
-                    )
+                    vectors = segment_pool(values, lengths, self._pooled_here[name])
+                    pooled[name] = vectors if rows is None else vectors[rows[name]]
+                elif rows is None:
+                    sequences[name] = (values, jagged.offsets())
                 else:
-                    sequences[name] = (jagged.values(), jagged.offsets())
+                    values, lengths = torch.ops.fbgemm.jagged_index_select(
+                        values, lengths, rows[name]
+                    )
+                    sequences[name] = (values, F.pad(lengths.long().cumsum(0), (1, 0)))
         return (
             {name: pooled[name] for name in self.sparse_names},
             {name: sequences[name] for name in self.sequence_names},
@@ -123,6 +135,15 @@ class FeatureEmbedding(nn.Module):
         for name, (values, offsets) in sequences.items():
             pooled[name] = segment_pool(values, offsets[1:] - offsets[:-1], "mean")
         return [pooled[name] for name in self.id_names]
+
+
+def _rows_per_key(features: KeyedJaggedTensor) -> dict[str, torch.Tensor] | None:
+    """`{key: [B] row of that key for each batch row}` of a variable-batch KJT, else None."""
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        return None
+    keys, rows = inverse
+    return dict(zip(keys, rows.long().unbind(), strict=True))
 
 
 def common_dim(schema: Schema) -> int:

@@ -14,6 +14,7 @@ Weights are plain tensors (never pickled objects), so loading runs no code from 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def load_run_folder(run_dir: str | Path) -> RunFolder:
     if (run_dir / WEIGHTS).is_file():
         _load_weights(model, run_dir / WEIGHTS)
     elif (run_dir / DCP_SHARDS).is_dir():
-        _load_dcp(model, run_dir / DCP_SHARDS)
+        load_dcp(model, run_dir / DCP_SHARDS)
     else:
         raise ConfigError(f"{run_dir}: no weights: expected {WEIGHTS} or {DCP_SHARDS}/")
     metrics_file = run_dir / "metrics.json"
@@ -110,12 +111,16 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     _load_state(model, state, path)
 
 
-def _load_dcp(model: nn.Module, folder: Path) -> None:
-    """Load DCP shards into a single-device model: no process group, resharded by DCP itself."""
+def load_dcp(model: nn.Module, folder: str | Path) -> None:
+    """Load DCP shards (saved by any number of ranks, under any sharding plan, names with or
+    without wrapper prefixes) into a single-device model in place: no process group, resharded
+    by DCP itself, nothing unpickled. Optimizer state in the checkpoint is skipped."""
+    folder = Path(folder)
     import torch.distributed.checkpoint as dcp
 
     try:
-        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        reader = _safe_reader_class()(str(folder))
+        saved = reader.read_metadata().state_dict_metadata
     except Exception as e:
         raise ConfigError(f"{folder}: not a torch.distributed.checkpoint folder: {e}") from None
     plain = model.state_dict()
@@ -130,8 +135,54 @@ def _load_dcp(model: nn.Module, folder: Path) -> None:
             targets[name] = saved_name
     _check_names(model, set(targets), folder)
     dcp.load({saved_name: plain[name] for name, saved_name in targets.items()},
-             checkpoint_id=str(folder), no_dist=True)
+             storage_reader=reader, no_dist=True)
     _load_state(model, plain, folder)
+
+
+_load_dcp = load_dcp  # the old private name, still imported by recray/platform/train.py
+
+
+# DCP loads tensors with weights_only=True but reads its `.metadata` file with plain pickle.load,
+# which would run any code a crafted run folder put there. These are the only globals DCP's
+# metadata of a model checkpoint names (seen in files written by 1 and 2 ranks).
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused by name."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED_GLOBALS or (
+                module in _DCP_METADATA_MODULES and not name.startswith("__")):
+            found = super().find_class(module, name)
+            if module in _DCP_METADATA_MODULES and not isinstance(found, type):
+                raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            return found
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def _safe_reader_class() -> type:
+    """DCP's FileSystemReader, defined on first use (importing DCP is slow)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        # upstream's read_metadata, with _MetadataUnpickler in place of pickle.load
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -3,6 +3,8 @@
 A request is one user and the candidates to rank. It takes the training feature path: JSON ->
 pydantic -> Arrow RecordBatch (one row per candidate, user columns repeated) ->
 `recray.data.jagged.to_batch` -> model, so online scores equal offline scores on the same rows.
+The user's ids are then kept once per request (TorchRec's variable-batch KJT), so the model looks
+them up once and broadcasts the vectors to the candidates.
 Every variant's model lives in every replica: arms are assigned per user by a salted hash, so each
 replica sees every arm anyway, and one deployment saves a handle hop per request.
 """
@@ -32,9 +34,10 @@ from pydantic import (
     model_validator,
 )
 from ray import serve
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recray.abtest.assignment import assign_variant
-from recray.data.jagged import to_batch
+from recray.data.jagged import Batch, to_batch
 from recray.data.schema import Feature, Schema, SchemaError
 from recray.platform.config import ConfigError, load_yaml, parse
 from recray.platform.run_folder import RunFolder, load_run_folder
@@ -267,6 +270,89 @@ def request_rows(request: BaseModel, schema: Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(columns)
 
 
+def share_user_rows(batch: Batch, user_keys: set[str], request_rows: list[int]) -> Batch:
+    """`batch` (rows grouped by request, user ids alike within a request) with the user keys cut
+    to one row per request, in TorchRec's variable-batch KJT: `inverse_indices` broadcast that row
+    to the request's candidates, so an embedding module looks a user's ids up once."""
+    sizes = torch.tensor(request_rows)
+    owner = torch.repeat_interleave(torch.arange(len(request_rows)), sizes)
+    first_rows = sizes.cumsum(0) - sizes
+    every_row = torch.arange(len(batch))
+    values, lengths, strides, inverse = [], [], [], []
+    for key, jagged in batch.sparse.to_dict().items():
+        if key in user_keys:
+            ids, key_lengths = torch.ops.fbgemm.jagged_index_select(
+                jagged.values()[:, None], jagged.lengths(), first_rows)
+            values.append(ids[:, 0])
+            lengths.append(key_lengths)
+            strides.append([len(request_rows)])
+            inverse.append(owner)
+        else:
+            values.append(jagged.values())
+            lengths.append(jagged.lengths())
+            strides.append([len(batch)])
+            inverse.append(every_row)
+    keys = batch.sparse.keys()
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
+                               stride_per_key_per_rank=strides,
+                               inverse_indices=(keys, torch.stack(inverse)))
+    return Batch(batch.dense, sparse, batch.labels)
+
+
+def requests_batch(tables: list[pa.RecordBatch], schema: Schema,
+                   user_keys: set[str] | None) -> Batch:
+    """Requests' rows -> one Batch by the training path; the user ids once per request when
+    `user_keys` names them (None: every row looks up its own)."""
+    batch = to_batch(pa.Table.from_batches(tables), schema, source="request")
+    if not user_keys:
+        return batch
+    return share_user_rows(batch, user_keys, [t.num_rows for t in tables])
+
+
+def probe_rows(schema: Schema, user_names: set[str], requests: int = 3,
+               candidates: int = 4, seed: int = 0) -> list[pa.RecordBatch]:
+    """Random in-vocabulary requests (user columns alike within each) for `shares_user_lookups`."""
+    rng = np.random.default_rng(seed)
+
+    def draw(feature: Feature, rows: int) -> pa.Array:
+        if feature.kind == "dense":
+            return pa.array(rng.normal(size=rows).astype(np.float32))
+        lengths = rng.integers(0, 5, rows) if feature.kind == "sequence" else np.ones(rows, int)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        ids = rng.integers(0, feature.num_embeddings, int(offsets[-1]))
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+
+    tables = []
+    for _ in range(requests):
+        columns = {}
+        for f in schema.features:
+            column = draw(f, 1 if f.name in user_names else candidates)
+            columns[f.name] = column.take(np.zeros(candidates, np.int64)) \
+                if f.name in user_names else column
+        for label in schema.labels:
+            columns[label] = pa.array(np.zeros(candidates, np.float32))
+        tables.append(pa.RecordBatch.from_pydict(columns))
+    return tables
+
+
+def shares_user_lookups(model: torch.nn.Module, schema: Schema, user_keys: set[str]) -> bool:
+    """Whether `model` scores a variable-batch KJT exactly as the expanded rows.
+
+    A model that reads its ids only through `recray.models.layers.FeatureEmbedding` does; one that
+    reads `batch.sparse` itself may not (MDL's scenario ids), and is served with expanded rows.
+    """
+    if not user_keys:
+        return False
+    tables = probe_rows(schema, {f.name for f in schema.features if f.name in user_keys})
+    with torch.inference_mode():
+        expanded = model(requests_batch(tables, schema, None))
+        try:
+            shared = model(requests_batch(tables, schema, user_keys))
+        except Exception:  # noqa: BLE001 -- any failure means: serve this model expanded
+            return False
+    return shared.shape == expanded.shape and torch.allclose(shared, expanded, rtol=0, atol=1e-6)
+
+
 class RequestError(ValueError):
     """A request that passed the pydantic model but not the schema (an id out of vocabulary)."""
 
@@ -287,6 +373,10 @@ class Ranker:
         self.schema = check_same_schema(self.runs)
         check_against_schema(self.cfg, self.schema)
         self.tasks = self.schema.tasks
+        user_keys = {f.name for f in user_side(self.schema, self.cfg) if f.is_id}
+        # Per variant: the user ids looked up once per request, where the model allows it.
+        self.user_keys = {name: user_keys if shares_user_lookups(run.model, self.schema, user_keys)
+                          else None for name, run in self.runs.items()}
         weights = self.cfg.rank_by or {self.tasks[0]: 1.0}
         self.rank_weights = torch.tensor([weights.get(t, 0.0) for t in self.tasks])
         self.RankRequest = request_model(self.schema, self.cfg)
@@ -326,9 +416,9 @@ class Ranker:
         for i, (variant, _) in enumerate(jobs):
             by_variant.setdefault(variant, []).append(i)
         for variant, members in by_variant.items():
+            user_keys = self.user_keys[variant]
             try:
-                batch = to_batch(pa.Table.from_batches([jobs[i][1] for i in members]),
-                                 self.schema, source="request")
+                batch = requests_batch([jobs[i][1] for i in members], self.schema, user_keys)
             except SchemaError:  # one bad request must not fail the others: convert one by one
                 good = []
                 for i in members:
@@ -340,8 +430,7 @@ class Ranker:
                 members = good
                 if not members:
                     continue
-                batch = to_batch(pa.Table.from_batches([jobs[i][1] for i in members]),
-                                 self.schema, source="request")
+                batch = requests_batch([jobs[i][1] for i in members], self.schema, user_keys)
             with torch.inference_mode():
                 probabilities = torch.sigmoid(self.runs[variant].model(batch))
             self.batch_metric.observe(len(members), tags={"variant": variant})
@@ -377,7 +466,8 @@ class Ranker:
             {"name": v.name, "share": v.share / total, "run_dir": v.run_dir,
              "model": self.runs[v.name].config.model.name,
              "hparams": self.runs[v.name].config.model.hparams,
-             "metrics": self.runs[v.name].metrics}
+             "metrics": self.runs[v.name].metrics,
+             "user_lookup_once_per_request": self.user_keys[v.name] is not None}
             for v in self.cfg.variants
         ]}
 
