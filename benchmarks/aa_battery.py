@@ -12,8 +12,8 @@ same built-in policy, its own seed and assignment salt) fanned out as Ray tasks 
 Power: the same A/A results with a known effect injected, every treatment user's watch minutes
 on experiment days times (1 + effect), so the true relative lift is exactly `effect`; the
 measured rejection rate of the plain fixed-horizon test is set beside statsmodels' t-test power
-for that effect at the battery's mean per-unit sd and arm sizes. The effect is chosen where the
-predicted power is about 0.6, where a mismatch would show most.
+for that effect at the injected experiments' mean pooled per-unit sd and arm sizes. The effect
+is chosen where the A/A data predict a power of about 0.6, where a mismatch would show most.
 """
 
 from __future__ import annotations
@@ -127,10 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
                              power=args.target_power)
     effect = d * sd / mean
     print(f"power: injecting a {100 * effect:.2f}% lift on {PRIMARY}", flush=True)
-    powered = sum(
-        analyze(inject_lift(r, effect), config)["comparisons"][0]["metrics"][PRIMARY]["plain"]["pvalue"]
-        < args.alpha for r in results)
-    predicted = analysis.power(effect_size=effect * mean / sd, nobs1=n_control,
+    powered, injected_moments = 0, []
+    for result in results:
+        injected = inject_lift(result, effect)
+        metric = analyze(injected, config)["comparisons"][0]["metrics"][PRIMARY]
+        powered += metric["plain"]["pvalue"] < args.alpha
+        injected_moments.append(per_unit_moments(injected))
+    # the prediction sees the injected experiments' own sd: a multiplicative lift also widens the
+    # treatment arm's spread by (1 + effect), which lowers the power of the same mean shift
+    _, sd_injected, _, _ = (float(np.mean(col)) for col in zip(*injected_moments, strict=True))
+    predicted = analysis.power(effect_size=effect * mean / sd_injected, nobs1=n_control,
                                ratio=n_treatment / n_control, alpha=args.alpha)
 
     n = len(results)
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
             "sequential_msprt": "normal-mixture SPRT, always valid, conservative by design",
             "naive_daily_peeks": "a 95% CI checked every day, rejecting at the first exclusion of 0",
             "power": "treatment watch minutes x (1 + effect) on the A/A results; plain Welch test; "
-                     "predicted by statsmodels TTestIndPower at the mean per-unit sd and arm sizes",
+                     "predicted by statsmodels TTestIndPower at the injected experiments' mean "
+                     "pooled per-unit sd and arm sizes",
         },
         "power": {"measured": powered / n, "predicted": float(predicted), "effect": float(effect),
                   "effect_kind": "relative lift of watch minutes per user-day"},
