@@ -48,11 +48,26 @@ def enlarge_tables(src: Path, out: Path, rows: dict[str, int]) -> Path:
     return out
 
 
-class WorkerPeakRSS:
-    """Polls every Ray Train worker process's VmHWM (the kernel's peak-RSS mark) until stopped.
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is among pid's parents (a local Ray's raylet is a child of its driver)."""
+    for _ in range(16):
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
 
-    VmHWM only grows, so the last reading of each worker is its peak up to that moment; what a
-    worker adds in its last poll interval before exiting is missed.
+
+class WorkerPeakRSS:
+    """Polls the VmHWM (the kernel's peak-RSS mark) of this process's Ray Train workers until stopped.
+
+    Only workers descending from this driver count: other Ray clusters on the machine are not
+    ours. VmHWM only grows, so the last reading of each worker is its peak up to that moment;
+    what a worker adds in its last poll interval before exiting is missed.
     """
 
     def __init__(self, interval_s: float = 0.25) -> None:
@@ -74,6 +89,8 @@ class WorkerPeakRSS:
                     continue
                 try:
                     if WORKER_TITLE not in (proc / "cmdline").read_bytes():
+                        continue
+                    if not _descends_from(int(proc.name), os.getpid()):
                         continue
                     status = (proc / "status").read_text()
                 except OSError:  # the process ended between listing and reading
