@@ -451,11 +451,12 @@ def _compare(result: ExperimentResult, sums: dict[str, pd.DataFrame], table: pd.
             "significant": [m for m in config.metrics if out[m]["significant"]]}
 
 
-def per_arm_daily(sums: dict[str, pd.DataFrame], arms: pd.Series, metrics: list[str]) -> dict[str, Any]:
+def per_arm_daily(sums: dict[str, pd.DataFrame], arms: pd.Series, order: list[str],
+                  metrics: list[str]) -> dict[str, Any]:
     """Daily and cumulative value of each metric per arm (for the 'cumulative metric per arm' plot)."""
     out: dict[str, Any] = {}
     day_cols = [d for d in sums["user_days"].columns if d >= 0]
-    for arm in arms.unique():
+    for arm in order:  # control first, so every plot colours the arms alike
         units = arms.index[arms == arm]
         out[str(arm)] = {}
         for metric in metrics:
@@ -514,7 +515,7 @@ def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> d
         "days": len(days), "pre_days": int(sum(1 for d in sums["user_days"].columns if d < 0)),
         "srm": srm,
         "comparisons": [_compare(result, sums, table, arm, config) for arm in result.arms[1:]],
-        "per_arm": per_arm_daily(sums, arms, config.metrics),
+        "per_arm": per_arm_daily(sums, arms, result.arms, config.metrics),
         "creator_effects": creator_effects(result),
         "creators": {col: result.creators[col].tolist() for col in result.creators.columns},
         "gte": dict(result.gte), "failures": list(result.failures), "meta": dict(result.meta),
