@@ -8,6 +8,7 @@ per-table sharding types the config asks for), the dense part is replicated with
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -256,13 +257,16 @@ def make_planner(
     # DDP buckets), computed from the shapes: its own count warns on (and misjudges) meta tensors.
     tables = {id(p) for p in _embedding_parameters(model)}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
-    return EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=batch_size,
-        constraints=constraints,
-        storage_reservation=HeuristicalStorageReservation(
+    with warnings.catch_warnings():
+        # It warns on every construction that a dry run misjudges dense sizes without an
+        # estimate; this one passes the estimate.
+        warnings.simplefilter("ignore", FutureWarning)
+        reservation = HeuristicalStorageReservation(
             percentage=reserved_fraction, dense_tensor_estimate=6 * dense_bytes
-        ),
+        )
+    return EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints,
+        storage_reservation=reservation,
     )
 
 
