@@ -436,15 +436,12 @@ class CreatorWorld:
     def observe(self, users: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         """The public view of each user's candidates and the user's own logged history."""
         p = self.p
-        # Filled in place (a one-hot by row lookup, then the four public columns): the A/B
-        # harness observes every session, and stacking then concatenating cost twice as much.
-        doc = np.empty((*rows.shape, p.num_topics + 4), dtype=np.float32)
-        doc[..., :p.num_topics] = np.eye(p.num_topics, dtype=np.float32)[self.item_topic[rows]]
-        clicks, shown = self.item_clicks[rows], self.item_impressions[rows]
-        doc[..., p.num_topics] = self.item_clickbait[rows]
-        doc[..., p.num_topics + 1] = np.log1p(clicks)
-        doc[..., p.num_topics + 2] = (clicks + 1) / (shown + 10)
-        doc[..., p.num_topics + 3] = (self.day - self.item_day[rows]) / p.item_lifetime_days
+        if rows.size > p.max_items:
+            # Many sessions (the A/B harness, large vector envs): every catalog row's features
+            # once, then one gather of whole rows; the same values, several times faster.
+            doc = self._public_features(np.arange(p.max_items))[rows]
+        else:
+            doc = self._public_features(rows)
         history = self.topic_clicks[users]
         return {
             "doc": doc,
@@ -456,6 +453,19 @@ class CreatorWorld:
             "response": {"click": self.last_click[users].copy(),
                          "engagement": self.last_engagement[users].copy()},
         }
+
+    def _public_features(self, rows: np.ndarray) -> np.ndarray:
+        """`[..., num_topics + 4]` float32: topic one-hot, clickbait, log1p(clicks), smoothed
+        CTR, age in lifetimes, for catalog `rows` of any shape."""
+        p = self.p
+        doc = np.empty((*rows.shape, p.num_topics + 4), dtype=np.float32)
+        doc[..., :p.num_topics] = np.eye(p.num_topics, dtype=np.float32)[self.item_topic[rows]]
+        clicks, shown = self.item_clicks[rows], self.item_impressions[rows]
+        doc[..., p.num_topics] = self.item_clickbait[rows]
+        doc[..., p.num_topics + 1] = np.log1p(clicks)
+        doc[..., p.num_topics + 2] = (clicks + 1) / (shown + 10)
+        doc[..., p.num_topics + 3] = (self.day - self.item_day[rows]) / p.item_lifetime_days
+        return doc
 
     def serve(self, users: np.ndarray, rows: np.ndarray, slates: np.ndarray) -> dict[str, np.ndarray]:
         """One session for each of `users`: choice, watch, and the user's own state updates."""
