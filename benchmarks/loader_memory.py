@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 DENSE = [f"I{i}" for i in range(1, 14)]
@@ -43,17 +44,22 @@ def write_criteo_like(path: Path, rows: int, seed: int = 0, distinct: int | None
         + [(c, pa.int64()) for c in DENSE]
         + [(c, pa.string()) for c in CATEGORICAL]
     )
+    # each column's values: distinct 8-digit hex strings, formatted once
+    pools = [
+        pa.array(np.char.mod("%08x", (np.arange(distinct) * 2654435761 + k) % (1 << 32)))
+        for k in range(len(CATEGORICAL))
+    ]
     with pcsv.CSVWriter(path, schema, write_options=options) as writer:
         for start in range(0, rows, CHUNK_ROWS):
             n = min(CHUNK_ROWS, rows - start)
             columns = {"label": pa.array((rng.random(n) < 0.25).astype(np.int64))}
             for name in DENSE:
                 columns[name] = pa.array(rng.geometric(0.05, n) - 1, mask=rng.random(n) < 0.2)
-            for k, name in enumerate(CATEGORICAL):
+            for name, pool in zip(CATEGORICAL, pools, strict=True):
                 # Zipf ranks folded into the column's pool: a few frequent values, a long tail
                 rank = (rng.zipf(1.2, n) - 1) % distinct
-                values = np.char.mod("%08x", (rank * 2654435761 + k) % (1 << 32))
-                columns[name] = pa.array(values, mask=rng.random(n) < 0.05)
+                values = pool.take(pa.array(rank))
+                columns[name] = pc.if_else(pa.array(rng.random(n) < 0.05), None, values)
             writer.write_table(pa.table(columns, schema=schema))
     return path.stat().st_size
 
