@@ -652,6 +652,26 @@ def test_kuairand_has_three_labels_tags_and_a_clicked_history(tmp_path):
     assert times[0].max() <= times[1].min() and times[1].max() <= times[2].min()
 
 
+@pytest.mark.parametrize("variant", ["1k", "27k"])
+def test_kuairand_reads_the_published_file_names_of_1k_and_27k(variant, tmp_path):
+    # chongminggao/KuaiRand README: log_standard_4_08_to_4_21_1k.csv, user_features_1k.csv,
+    # video_features_basic_1k.csv; 27K splits its logs into _27k_part1.csv, _27k_part2.csv
+    write_kuairand(tmp_path / "pure")
+    root = tmp_path / variant / "data"
+    root.mkdir(parents=True)
+    for path in (tmp_path / "pure").iterdir():
+        name = path.name.replace("_pure.csv", f"_{variant}.csv")
+        if variant == "27k" and name.startswith("log_standard"):
+            name = name.replace(".csv", "_part1.csv")
+        (root / name).write_bytes(path.read_bytes())
+    (root / "log_random_4_22_to_5_08_pure.csv").write_text("not read")  # another release's
+    expected = read_splits(prepare("kuairand", tmp_path / "pure", tmp_path / "out_pure"))
+    got = read_splits(prepare("kuairand", tmp_path / variant, tmp_path / f"out_{variant}"))
+    assert all(got[s].equals(expected[s]) for s in SPLITS)
+    with pytest.raises(FileNotFoundError, match=r"no user_features_\{pure,1k,27k\}\.csv"):
+        prepare("kuairand", tmp_path, tmp_path / "out_none")
+
+
 def test_kuairand_missing_column_is_named(tmp_path):
     write_kuairand(tmp_path / "kr")
     path = tmp_path / "kr" / "video_features_basic_pure.csv"
