@@ -49,7 +49,9 @@ def main() -> None:
 
     cfg = experiment(args.users, args.days, args.shards, args.creators)
     load_before = os.getloadavg()[0]
+    start = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_init_seconds = time.perf_counter() - start
     start = time.perf_counter()
     sharded = run_world_on_ray(cfg, cfg.seeds[0])
     seconds = time.perf_counter() - start
@@ -62,6 +64,7 @@ def main() -> None:
     result = {
         "users": args.users, "days": args.days, "arms": len(cfg.arms), "shards": args.shards,
         "seconds": round(seconds, 2), "single_process_seconds": round(single_seconds, 2),
+        "ray_init_seconds": round(ray_init_seconds, 2),
         "world": {"env": cfg.world.env, "num_creators": args.creators},
         "user_days_per_second": round(args.users * args.days / seconds),
         "frames_checked_equal": bool(args.check),

@@ -354,6 +354,9 @@ def test_an_http_arm_through_recray_serve_ranks_like_the_same_model_in_process(r
     finally:
         serve.shutdown()
     assert results["http"].failures == []
+    load = results["http"].meta["endpoints"]["candidate"]
+    sessions = results["http"].users.query("arm == 'candidate'")["sessions"].sum()
+    assert load["scores"] == sessions * WORLD["num_candidates"] and load["scores_per_second"] > 0
     pd.testing.assert_frame_equal(results["http"].users, results["model"].users)
     assert results["http"].users.query("arm == 'candidate'")["clicks"].sum() > 0
 

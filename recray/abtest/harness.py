@@ -181,7 +181,13 @@ class UserShard:
         }
         if world.round == self.params.sessions_per_day - 1:
             result["users"] = self._day_rows()
+            result["endpoints"] = self._endpoint_load()
         return result
+
+    def _endpoint_load(self) -> dict[str, list[float]]:
+        """Per HTTP arm: candidates scored through its endpoint so far and the seconds it took."""
+        return {self.cfg.arms[arm].name: [policy.scored, policy.seconds]
+                for arm, policy in enumerate(self.live) if hasattr(policy, "scored")}
 
     def _serve(self, policy: Any, batch: np.ndarray,
                active: np.ndarray) -> tuple[dict[str, np.ndarray], str | None]:
@@ -376,13 +382,22 @@ def drive(cfg: ExperimentConfig, seed: int, assignment: Assignment, call: Call,
             row = day_frames[-1]
             progress(f"day {day - cfg.pre_days:>3}/{cfg.days - 1}: DAU {row['active'].sum()}, "
                      f"watch minutes {row['watch_minutes'].sum():.0f}, {hub.summary()}")
+    endpoints: dict[str, Any] = {}
+    for shard in results:
+        for arm, (scored, seconds) in shard.get("endpoints", {}).items():
+            entry = endpoints.setdefault(arm, {"scores": 0, "seconds": 0.0})
+            entry["scores"] += scored
+            entry["seconds"] = max(entry["seconds"], seconds)  # shards call in parallel
+    for entry in endpoints.values():
+        entry["scores_per_second"] = entry["scores"] / max(entry["seconds"], 1e-9)
     return ExperimentResult(
         users=pd.concat(day_frames, ignore_index=True),
         creators=pd.DataFrame(hub.rows)[["arm", "day", *CREATOR_METRICS]],
         arms=cfg.arm_names, shares=cfg.shares, design=cfg.design,
         meta={"seed": seed, "shards": num_shards, "users": cfg.users, "days": cfg.days,
               "pre_days": cfg.pre_days, "world": cfg.world.env,
-              "world_params": world_params(cfg), "forced_arm": assignment.forced},
+              "world_params": world_params(cfg), "forced_arm": assignment.forced,
+              "endpoints": endpoints},
         failures=_merge_failures(failures))
 
 

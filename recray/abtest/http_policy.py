@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ class HttpPolicy(ModelPolicy):
         self.user_fields = list(spec["User"]["properties"])
         self.candidate_fields = list(spec["Candidate"]["properties"])
         super().__init__(slate_size, schema, model=_NoModel(), label=schema.labels[0])
-        self.requests = 0
+        self.scored, self.seconds = 0, 0.0  # candidates scored through the endpoint, wall time
 
     def _request(self, body: bytes) -> list[int]:
         request = urllib.request.Request(f"{self.base}/v1/rank", data=body, method="POST",
@@ -61,9 +62,11 @@ class HttpPolicy(ModelPolicy):
                 "candidates": [{name: columns[name][at + c] for name in self.candidate_fields}
                                for c in range(candidates)],
             }).encode())
+        started = time.perf_counter()
         with ThreadPoolExecutor(self.arm.concurrency) as pool:
             rankings = list(pool.map(self._request, bodies))
-        self.requests += len(bodies)
+        self.seconds += time.perf_counter() - started
+        self.scored += users * candidates
         scores = np.zeros((users, candidates))
         for u, ranking in enumerate(rankings):
             scores[u, ranking] = -np.arange(len(ranking), dtype=float)

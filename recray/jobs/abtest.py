@@ -68,6 +68,9 @@ def run_one(cfg: Any, seed: int, folder: Path, say: Any) -> None:
     for failure in result.failures:
         say(f"FAILED: arm {failure['arm']} day {failure['day']}: {failure['users']} users "
             f"affected ({failure['error']})")
+    for arm, load in result.meta.get("endpoints", {}).items():
+        say(f"arm {arm}: {load['scores']} candidates scored through its endpoint, "
+            f"{load['scores_per_second']:.0f} scores/s")
     gte = result.gte.get("watch_minutes")
     say(f"done in {time.perf_counter() - started:.0f} s"
         + (f"; GTE watch minutes/user-day {gte:+.3f}" if gte is not None else "")
