@@ -15,6 +15,7 @@ from recray.abtest.stats import (
     AnalysisConfig,
     analyze,
     daily_lift,
+    group_sequential_bounds,
     group_sequential_test,
     minimum_detectable_effect,
     msprt_test,
@@ -127,6 +128,13 @@ def test_injected_lift_is_found_and_covered(analysis):
     watch = analysis["comparisons"][0]["metrics"]["watch_minutes"]["decision"]
     assert watch["rel_ci_low"] < 0.05 < watch["rel_ci_high"]
     assert analysis["comparisons"][0]["metrics"]["ctr"]["significant"]
+
+
+def test_alpha_spending_bounds_match_the_published_table():
+    """Lan-DeMets O'Brien-Fleming bounds, 5 equally spaced looks, two-sided alpha 0.05 (0.025 a
+    side), as R's ldbounds prints them (`bounds(seq(0.2, 1, 0.2), iuse=c(1, 1))`)."""
+    bounds = group_sequential_bounds(np.linspace(0.2, 1.0, 5), alpha=0.05)
+    assert bounds == pytest.approx([4.8769, 3.3569, 2.6803, 2.2898, 2.0310], abs=5e-4)
 
 
 def test_daily_peeks_keep_their_false_positive_rate_monte_carlo():

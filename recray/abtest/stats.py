@@ -200,8 +200,11 @@ def msprt_test(effect: np.ndarray, variance: np.ndarray, alpha: float, tau_se: f
 
 
 def obrien_fleming_spending(fraction: np.ndarray, alpha: float) -> np.ndarray:
-    """Lan-DeMets O'Brien-Fleming-type alpha spent by information fraction t: 2 - 2 Phi(z_(a/2) / sqrt t)."""
-    return 2 * scipy.stats.norm.sf(scipy.stats.norm.isf(alpha / 2) / np.sqrt(fraction))
+    """Two-sided alpha spent by information fraction t, Lan-DeMets O'Brien-Fleming type on each
+    side (alpha/2 per side: 2 - 2 Phi(z_(alpha/4) / sqrt t)), the convention of R's ldbounds,
+    gsDesign and spotify-confidence, so boundaries agree with their published tables."""
+    per_side = 2 * scipy.stats.norm.sf(scipy.stats.norm.isf(alpha / 4) / np.sqrt(fraction))
+    return 2 * per_side
 
 
 def group_sequential_bounds(fraction: np.ndarray, alpha: float, grid_step: float = 0.004) -> np.ndarray:
@@ -219,17 +222,20 @@ def group_sequential_bounds(fraction: np.ndarray, alpha: float, grid_step: float
     for t, spend in zip(fraction, spent, strict=True):
         if t > previous:
             sd = math.sqrt(t - previous)
-            kernel_x = np.arange(-8 * sd, 8 * sd + grid_step / 2, grid_step)
+            half_width = math.ceil(8 * sd / grid_step)  # odd length: "same" stays centred
+            kernel_x = np.arange(-half_width, half_width + 1) * grid_step
             kernel = scipy.stats.norm.pdf(kernel_x, scale=sd) * grid_step
             density = np.clip(scipy.signal.fftconvolve(density, kernel, mode="same"), 0.0, None)
             previous = t
-        # tail mass beyond |x| >= grid[i], for the non-negative half of the symmetric grid
-        half = grid >= 0
-        tail = 2 * np.cumsum(density[half][::-1])[::-1]
-        inside = np.flatnonzero(tail <= spend)
-        b = grid[half][inside[0]] if len(inside) else grid[-1]
+        # tail mass beyond |x| >= x_i on the non-negative half of the symmetric grid (each point
+        # standing for the cell around it), interpolated to where it equals the alpha to spend
+        half = grid >= -grid_step / 2
+        x = grid[half]
+        tail = 2 * (np.cumsum(density[half][::-1])[::-1] - density[half] / 2)
+        b = float(np.interp(-spend, -tail, x)) if spend > tail[-1] else float(x[-1])
         bounds.append(b / math.sqrt(t))
-        density = np.where(np.abs(grid) < b, density, 0.0)
+        # stopped paths leave; the cell that b cuts keeps the part of its mass below b
+        density = density * np.clip((b - np.abs(grid)) / grid_step + 0.5, 0.0, 1.0)
     return np.asarray(bounds)
 
 
