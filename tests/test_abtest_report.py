@@ -105,3 +105,26 @@ def test_the_page_names_the_verdicts(written):
 def test_json_safe_turns_non_finite_into_null():
     assert json_safe({"a": float("nan"), "b": [np.float64(math.inf), np.int64(3)], "c": (1.5,)}) == {
         "a": None, "b": [None, 3], "c": [1.5]}
+
+
+def test_creator_design_reports_creators_and_the_gte(tmp_path):
+    """Real harness, creator randomisation: no user-side arm, so the page shows the creator
+    metrics per arm and the GTE, every number again the JSON's."""
+    from recray.abtest.config import parse_config
+    from recray.abtest.harness import run_experiment
+
+    cfg = parse_config({"name": "creators", "users": 200, "days": 3, "design": "creator",
+                        "arms": [{"name": "control", "share": 0.5, "policy": "popularity"},
+                                 {"name": "treatment", "share": 0.5, "policy": "exposure_aware"}]})
+    result = run_experiment(cfg)
+    analysis = analyze(result)
+    assert analysis["comparisons"] == [] and analysis["srm"] is None
+    paths = write_report(result, analysis, tmp_path)
+    report = json.loads(paths["json"].read_text())
+    parser = KeyedCells()
+    parser.feed(paths["html"].read_text())
+    keys = [key for key, _ in parser.cells]
+    assert "gte.watch_minutes" in keys and "creator_effects.exits.per_arm.treatment" in keys
+    for key, text in parser.cells:
+        value = _at(report, key)
+        assert text == "\u2013" if value is None else float(text) == pytest.approx(value, rel=1e-5)

@@ -214,11 +214,15 @@ td{text-align:right}img{max-width:100%;display:block;margin:1em 0}.warn{color:#b
 def render_html(report: dict[str, Any]) -> str:
     """The whole page from the JSON-safe report (so the page cannot show a number the JSON lacks)."""
     srm = report["srm"]
-    srm_line = (f'<p class="{"warn" if srm["mismatch"] else ""}">Sample-ratio check: units per arm '
-                f'{html.escape(str(srm["counts"]))} against shares '
-                f'{html.escape(str(srm["expected_shares"]))}, chi-square p = '
-                f'<span data-key="srm.pvalue">{srm["pvalue"]:.6g}</span>'
-                f'{" &mdash; MISMATCH: do not trust the lifts" if srm["mismatch"] else ""}.</p>')
+    if srm is None:
+        srm_line = ("<p>Creator randomisation: every user's slates mix both arms' creators, so the "
+                    "comparison is the creator metrics per arm below and the GTE.</p>")
+    else:
+        srm_line = (f'<p class="{"warn" if srm["mismatch"] else ""}">Sample-ratio check: units '
+                    f'per arm {html.escape(str(srm["counts"]))} against shares '
+                    f'{html.escape(str(srm["expected_shares"]))}, chi-square p = '
+                    f'<span data-key="srm.pvalue">{srm["pvalue"]:.6g}</span>'
+                    f'{" &mdash; MISMATCH: do not trust the lifts" if srm["mismatch"] else ""}.</p>')
     parts = [f"<h1>A/B experiment: {html.escape(' vs '.join(report['arms']))}</h1>",
              f"<p>Design: {html.escape(report['design'])} randomisation; "
              f"{report['days']} experiment days after {report['pre_days']} pre-period days; "
@@ -234,8 +238,14 @@ def render_html(report: dict[str, Any]) -> str:
                   "<h3>Estimate vs global treatment effect</h3>", _gte_table(index, comparison),
                   _image(report["figures"]["estimate_vs_gte"][index], "estimate vs GTE"),
                   "<h3>Daily lift</h3>", _image(report["figures"]["daily_lift"][index], "daily lift")]
-    parts += ["<h2>Cumulative metric per arm</h2>", _image(report["figures"]["cumulative"], "cumulative"),
-              "<h2>Creators</h2>", _creator_table(report),
+    if report["figures"]["cumulative"] is not None:
+        parts += ["<h2>Cumulative metric per arm</h2>",
+                  _image(report["figures"]["cumulative"], "cumulative")]
+    if report["gte"] and not report["comparisons"]:
+        rows = "".join(f"<tr><th>{html.escape(k)}</th>{_number(v, f'gte.{k}')}</tr>"
+                       for k, v in report["gte"].items())
+        parts += ["<h2>Global treatment effect</h2>", f"<table>{rows}</table>"]
+    parts += ["<h2>Creators</h2>", _creator_table(report),
               _image(report["figures"]["creators"], "creators")]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>A/B report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
@@ -254,7 +264,8 @@ def write_report(result: ExperimentResult, analysis: dict[str, Any], out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     figures = {
         "daily_lift": [plot_daily_lift(c) for c in analysis["comparisons"]],
-        "cumulative": plot_cumulative(analysis["per_arm"], list(analysis["config"]["metrics"])),
+        "cumulative": (plot_cumulative(analysis["per_arm"], list(analysis["config"]["metrics"]))
+                       if analysis["per_arm"] else None),
         "creators": plot_creators(analysis["creators"]),
         "estimate_vs_gte": [plot_estimate_vs_gte(c) for c in analysis["comparisons"]],
     }

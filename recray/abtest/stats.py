@@ -501,28 +501,37 @@ def creator_effects(result: ExperimentResult) -> dict[str, dict[str, Any]]:
 
 
 def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> dict[str, Any]:
-    """Every statistic of an experiment, control against each other arm, as a plain dict."""
+    """Every statistic of an experiment, control against each other arm, as a plain dict.
+
+    Under the creator design every user's slates mix both arms' creators, so the user-day frame
+    has no treatment arm: the analysis is then the creator metrics per arm beside the GTE (the
+    user metrics' effect is only in the GTE), with no user-side comparison and no SRM on users.
+    """
     config = config or AnalysisConfig()
     if config.primary not in config.metrics:
         raise ValueError(f"analysis.primary {config.primary!r} is not among metrics {config.metrics}")
     if not (result.users["day"] >= 0).any():
         raise ValueError("ExperimentResult.users has no experiment day (day >= 0)")
-    arms = unit_arms(result.users)
-    srm = srm_check(arms, result.arms, result.shares, config.srm_alpha)
     sums = unit_day_sums(result.users)
-    table = unit_table(sums, arms)
-    users_per_arm = result.users[result.users["day"] >= 0].groupby("arm")["user"].nunique()
     days = sorted(d for d in sums["user_days"].columns if d >= 0)
-    return {
+    users_per_arm = result.users[result.users["day"] >= 0].groupby("arm")["user"].nunique()
+    out = {
         "arms": list(result.arms), "control": result.control, "shares": list(result.shares),
         "design": result.design, "aa": bool(result.meta.get("aa", False)), "alpha": config.alpha,
         "primary": config.primary, "config": config.model_dump(),
-        "units": srm["counts"], "users": {k: int(v) for k, v in users_per_arm.items()},
+        "users": {k: int(v) for k, v in users_per_arm.items()},
         "days": len(days), "pre_days": int(sum(1 for d in sums["user_days"].columns if d < 0)),
-        "srm": srm,
-        "comparisons": [_compare(result, sums, table, arm, config) for arm in result.arms[1:]],
-        "per_arm": per_arm_daily(sums, arms, result.arms, config.metrics),
         "creator_effects": creator_effects(result),
         "creators": {col: result.creators[col].tolist() for col in result.creators.columns},
         "gte": dict(result.gte), "failures": list(result.failures), "meta": dict(result.meta),
+    }
+    if result.design == "creator":
+        return {**out, "units": {}, "srm": None, "comparisons": [], "per_arm": {}}
+    arms = unit_arms(result.users)
+    srm = srm_check(arms, result.arms, result.shares, config.srm_alpha)
+    table = unit_table(sums, arms)
+    return {
+        **out, "units": srm["counts"], "srm": srm,
+        "comparisons": [_compare(result, sums, table, arm, config) for arm in result.arms[1:]],
+        "per_arm": per_arm_daily(sums, arms, result.arms, config.metrics),
     }
