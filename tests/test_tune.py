@@ -294,7 +294,7 @@ def _trial_ids(folder: Path) -> list[str]:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)  # minutes on a quiet machine; the margin is for a loaded one
 def test_search_killed_mid_trial_resumes_from_its_checkpoint_and_exports_what_train_and_serve_take(
     sim_dir, tmp_path
 ):
@@ -312,7 +312,7 @@ def test_search_killed_mid_trial_resumes_from_its_checkpoint_and_exports_what_tr
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log,
                               start_new_session=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1500
     folder = second = None
     while time.monotonic() < deadline and driver.poll() is None and second is None:
         folders = list((tmp_path / "runs").glob("t-*"))
@@ -328,9 +328,13 @@ def test_search_killed_mid_trial_resumes_from_its_checkpoint_and_exports_what_tr
     assert len(first) == 1 and not (folder / "trials.csv").exists()
     first_trial = first[0].name.split("-")[1]
     assert first_trial == _terminated_trials(folder)[0] != second
+    # One trial at a time (max_concurrent_trials: 1): the second began after the first ended.
+    (second_run,) = folder.glob(f"trials/t-{second}-*")
+    began = time.mktime(time.strptime("-".join(second_run.name.split("-")[2:4]), "%Y%m%d-%H%M%S"))
+    assert began >= int((first[0] / "metrics.json").stat().st_mtime) - 1
 
     done = subprocess.run(command + ["--resume", "--max-latency-ms", "1000"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout and "Pareto front" in done.stdout
 

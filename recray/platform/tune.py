@@ -410,6 +410,14 @@ def param_space(cfg: TuneConfig) -> dict[str, Any]:
     return {key: value for key, value in space.items() if value != {}}
 
 
+def planned_trials(cfg: TuneConfig) -> int:
+    """How many trials the search runs: num_samples per family, times every grid's points."""
+    domains = [*cfg.search.space.values(),
+               *(d for space in cfg.search.models.values() for d in space.values())]
+    return cfg.search.num_samples * len(families(cfg)) * math.prod(
+        len(d.grid) for d in domains if d.kind == "grid")
+
+
 def search_algorithm(cfg: TuneConfig) -> Any:
     """Tune's searcher the config names, seeded with the config's seed.
 
@@ -885,8 +893,9 @@ def _search(cfg: TuneConfig, schema: Schema, folder: Path, restoring: bool,
         tuner = tune.Tuner.restore(str(folder / EXPERIMENT), trainable, resume_unfinished=True,
                                    restart_errored=False)
     else:
-        print(f"searching {len(families(cfg))} families x {cfg.search.num_samples} samples -> "
-              f"{folder} (Ray's logs: {folder / 'ray.log'})", file=out, flush=True)
+        print(f"searching {planned_trials(cfg)} trials ({len(families(cfg))} families, "
+              f"{cfg.search.searcher} searcher, {cfg.search.scheduler.name}) -> {folder} (Ray's "
+              f"logs: {folder / 'ray.log'})", file=out, flush=True)
         optuna = cfg.search.searcher == "optuna"
         tuner = tune.Tuner(
             trainable,
