@@ -649,8 +649,10 @@ def start_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
     port = _free_port()
+    # include_dashboard stays Ray's default: a dashboard slow to start on a loaded machine is
+    # then no error (the cleaner waits for it), where include_dashboard=True fails ray.init.
     context = ray.init(
-        address="local", log_to_driver=False, include_dashboard=True, dashboard_port=port,
+        address="local", log_to_driver=False, dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     if not (context.dashboard_url or "").endswith(f":{port}"):
         print(f"warning: Ray's dashboard is at {context.dashboard_url!r}, not port {port}: trials "
