@@ -737,6 +737,19 @@ def test_avazu_split_files_by_row(tmp_path):
     assert [t.column("row").to_pylist() for t in tables.values()] == [p.tolist() for p in parts]
 
 
+def test_avazu_through_the_cli_with_min_count(tmp_path):
+    from recray.cli import main
+
+    (tmp_path / "train.csv").write_text(avazu_csv(60))
+    args = ["data", "prepare", "avazu", "--src", str(tmp_path / "train.csv")]
+    assert main([*args, "--out", str(tmp_path / "a"), "--min-count", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--min-count", "0"]) == 2
+    train = read_splits(tmp_path / "a")["train"]
+    ips = pd.read_csv(tmp_path / "train.csv", dtype=str)["device_ip"].to_numpy()
+    # min_count 1 keeps every train value: each train row's ip has an id of its own
+    assert sorted(train.column("device_ip").to_pylist()) == list(range(2, 2 + len(set(ips[train.column("row").to_numpy()]))))
+
+
 def test_avazu_real_sample_parses(shared_data, tmp_path):
     src = shared_data / "avazu" / "train_sample.csv"
     tables = read_splits(prepare("avazu", src, tmp_path / "out"))
