@@ -3,12 +3,15 @@
 
     python benchmarks/serve_load.py --out benchmarks/results/serve_load.json
     python benchmarks/serve_load.py --size smoke --out /tmp/serve_load.json   # a minute, tiny model
+    python benchmarks/serve_load.py --replica-cpu --out benchmarks/results/serve_replica_cpu.json
 
 Model: DCN-v2 over 26 sparse features (13 user-side, 13 candidate-side) of 100,000 x 16 tables
 and 13 dense features, 100 candidates per request, one torch thread per process. The baseline
 parses, converts and scores with the same recray functions as a replica, without Ray or batching.
 Then a load step (low, high, low) on the autoscaling app, sampled in wrk chunks, and a replica
 killed under load. Needs `wrk` (Debian: apt-get install wrk). Run it on idle cores.
+`--replica-cpu` (no Ray, no wrk) measures instead the CPU a replica spends per request on
+conversion and forward, the user's ids looked up per candidate against once per request.
 """
 
 import argparse
@@ -115,20 +118,27 @@ def baseline_app() -> Any:
     import torch
     from fastapi import Body, FastAPI
 
-    from recray.data.jagged import to_batch
     from recray.platform.run_folder import load_run_folder
-    from recray.platform.serve import load_serve_config, request_model, request_rows
+    from recray.platform.serve import (
+        load_serve_config,
+        request_model,
+        request_rows,
+        requests_batch,
+        user_side,
+    )
 
     torch.set_num_threads(1)
     run_dir = os.environ["RECRAY_BENCH_RUN"]
     run = load_run_folder(run_dir)
-    RankRequest = request_model(run.schema, load_serve_config(None, run_dir))
+    cfg = load_serve_config(None, run_dir)
+    RankRequest = request_model(run.schema, cfg)
+    user_keys = {f.name for f in user_side(run.schema, cfg) if f.is_id}  # as a replica does
     app = FastAPI()
 
     async def rank(request):
         with torch.inference_mode():
-            probabilities = torch.sigmoid(run.model(to_batch(request_rows(request, run.schema),
-                                                             run.schema)))
+            probabilities = torch.sigmoid(run.model(requests_batch(
+                [request_rows(request, run.schema)], run.schema, user_keys)))
         order = torch.argsort(probabilities[:, 0], descending=True, stable=True)
         return {"variant": "default", "model": "dcnv2",
                 "scores": dict(zip(run.schema.tasks, probabilities.T.tolist(), strict=True)),
@@ -297,6 +307,62 @@ def plot(autoscale: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def replica_cpu(size: dict, folder: Path, run_dir: Path, repeats: int) -> dict[str, Any]:
+    """CPU ms per request of a replica's conversion + forward (no HTTP), one torch thread, with
+    the user's ids looked up per candidate (`expanded`) or once per request (`once`), for one
+    request per forward and for full batches; and the ids each lookup took."""
+    import torch
+
+    from recray.models.layers import FeatureEmbedding
+    from recray.platform.run_folder import load_run_folder
+    from recray.platform.serve import (
+        load_serve_config,
+        request_model,
+        request_rows,
+        requests_batch,
+        user_side,
+    )
+
+    torch.set_num_threads(1)
+    run = load_run_folder(run_dir)
+    cfg = load_serve_config(None, run_dir)
+    RankRequest = request_model(run.schema, cfg)
+    user_keys = {f.name for f in user_side(run.schema, cfg) if f.is_id}
+    bodies = [RankRequest.model_validate_json((folder / f"body_{k}.json").read_bytes())
+              for k in range(BODIES)]
+    looked_up = [0]
+    for module in run.model.modules():
+        if isinstance(module, FeatureEmbedding):
+            for table in module.modules():
+                if isinstance(table, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                    table.register_forward_hook(
+                        lambda m, args, kwargs, out: looked_up.__setitem__(
+                            0, looked_up[0] + (args[0] if args else kwargs["input"]).numel()),
+                        with_kwargs=True)
+    rows = []
+    for batch_requests in (1, 16):
+        for mode, keys in (("expanded", None), ("once", user_keys)):
+            def score(start: int, keys=keys, batch_requests=batch_requests) -> None:
+                group = [bodies[(start + j) % BODIES] for j in range(batch_requests)]
+                with torch.inference_mode():
+                    run.model(requests_batch([request_rows(b, run.schema) for b in group],
+                                             run.schema, keys))
+
+            score(0)  # warm-up
+            looked_up[0] = 0
+            score(0)
+            ids_per_request = looked_up[0] / batch_requests
+            cpu_started = time.process_time()
+            for i in range(repeats):
+                score(i * batch_requests)
+            cpu_ms = (time.process_time() - cpu_started) * 1e3 / (repeats * batch_requests)
+            rows.append({"requests_per_forward": batch_requests, "user_ids": mode,
+                         "cpu_ms_per_request": round(cpu_ms, 3),
+                         "ids_looked_up_per_request": ids_per_request})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"candidates": size["candidates"], "repeats": repeats, "rows": rows}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -310,12 +376,25 @@ def main() -> None:
     parser.add_argument("--ingress", choices=("proxy", "haproxy", "direct"), default="haproxy",
                         help="Serve's HTTP path: its Python proxy, HAProxy, or direct ingress")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
+    parser.add_argument("--replica-cpu", action="store_true",
+                        help="only the replica's CPU per request, user ids expanded vs once")
+    parser.add_argument("--repeats", type=int, default=200, help="forwards per --replica-cpu case")
     args = parser.parse_args()
     size = SIZES[args.size]
     folder = Path(tempfile.mkdtemp(prefix="serve_load_"))
     run_dir = make_run(folder, size["vocab"])
     make_bodies(folder, size["vocab"], size["candidates"])
     started = time.time()
+    if args.replica_cpu:
+        measured = replica_cpu(size, folder, run_dir, args.repeats)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]),
+            "load_average_at_start": os.getloadavg(), **measured,
+            "wall_s": round(time.time() - started, 1)}, indent=2))
+        print(f"-> {out}", flush=True)
+        return
     results = []
 
     for workers in (1, 2):

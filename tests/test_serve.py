@@ -423,7 +423,9 @@ def test_requests_fuzzed_from_the_openapi_schema_get_no_5xx_and_the_app_still_an
     assert {(op.method.upper(), op.path) for op in operations} >= {
         ("POST", "/v1/rank"), ("GET", "/v1/models"), ("GET", "/healthz")}
     for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        # invalid inputs exist only where there are inputs: the body of /v1/rank, its header
+        modes = [GenerationMode.POSITIVE] + [GenerationMode.NEGATIVE] * (operation.path == "/v1/rank")
+        for mode in modes:
             @given(case=operation.as_strategy(generation_mode=mode))
             @settings(max_examples=50, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
@@ -464,3 +466,53 @@ def test_autoscaling_and_concurrency_config_is_applied(endpoint):
     assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (2.5, 40)
     assert config["ray_actor_options"]["num_cpus"] == 0.5
     assert details["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.mark.ray
+def test_the_endpoint_is_reachable_on_loopback_only(endpoint):
+    from urllib.parse import urlsplit
+
+    import ray
+
+    url, session, _ = endpoint
+    port = urlsplit(url).port
+    assert session.get(f"{url}/healthz", timeout=10).status_code == 200
+    # every address of this host that is not loopback: nothing answers there
+    addresses = {ray.util.get_node_ip_address(), *(info[4][0] for info in socket.getaddrinfo(
+        socket.gethostname(), None, socket.AF_INET))} - {"127.0.0.1", "127.0.1.1"}
+    if not addresses:
+        pytest.skip("this host has no address but loopback")
+    for address in addresses:
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=5).close()
+
+
+def test_binding_another_address_is_an_explicit_option(tmp_path):
+    assert serve_config_file(load_serve_config(None, tmp_path))["http_options"]["host"] == \
+        "127.0.0.1"
+    exposed = load_serve_config(None, tmp_path, host="0.0.0.0")
+    assert serve_config_file(exposed)["http_options"]["host"] == "0.0.0.0"
+
+
+@pytest.mark.ray
+def test_per_variant_request_counts_reach_rays_metrics_endpoint(endpoint, data_dir):
+    import re
+    import time
+
+    import ray
+
+    url, session, _ = endpoint
+    body = {**body_for(offline_rows(data_dir)), "variant": "din"}
+    for _ in range(3):
+        assert session.post(f"{url}/v1/rank", json=body).status_code == 200
+    node = ray._private.worker.global_worker.node
+    metrics_url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    deadline, found = time.monotonic() + 90, []
+    while time.monotonic() < deadline and not found:  # exported every few seconds
+        text = session.get(metrics_url, timeout=10).text
+        found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if re.match(r"\w*recray_rank_requests", line)
+                 and 'variant="din"' in line and 'status="ok"' in line]
+        time.sleep(2)
+    assert found and max(found) >= 3, text[-2000:]
+    assert re.search(r'^\w*recray_rank_latency_ms_bucket\{[^}]*variant="din"', text, re.M)

@@ -274,28 +274,24 @@ def share_user_rows(batch: Batch, user_keys: set[str], request_rows: list[int]) 
     """`batch` (rows grouped by request, user ids alike within a request) with the user keys cut
     to one row per request, in TorchRec's variable-batch KJT: `inverse_indices` broadcast that row
     to the request's candidates, so an embedding module looks a user's ids up once."""
+    keys, rows = batch.sparse.keys(), len(batch)
     sizes = torch.tensor(request_rows)
     owner = torch.repeat_interleave(torch.arange(len(request_rows)), sizes)
-    first_rows = sizes.cumsum(0) - sizes
-    every_row = torch.arange(len(batch))
-    values, lengths, strides, inverse = [], [], [], []
-    for key, jagged in batch.sparse.to_dict().items():
-        if key in user_keys:
-            ids, key_lengths = torch.ops.fbgemm.jagged_index_select(
-                jagged.values()[:, None], jagged.lengths(), first_rows)
-            values.append(ids[:, 0])
-            lengths.append(key_lengths)
-            strides.append([len(request_rows)])
-            inverse.append(owner)
-        else:
-            values.append(jagged.values())
-            lengths.append(jagged.lengths())
-            strides.append([len(batch)])
-            inverse.append(every_row)
-    keys = batch.sparse.keys()
-    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
-                               stride_per_key_per_rank=strides,
-                               inverse_indices=(keys, torch.stack(inverse)))
+    is_user = torch.tensor([key in user_keys for key in keys])[:, None]
+    first_row = torch.zeros(rows, dtype=torch.bool)
+    first_row[sizes.cumsum(0) - sizes] = True
+    # [keys, rows] kept: every row of an item key, a request's first row of a user key; the
+    # KJT's lengths are key-major, so one mask over them and one over the ids cut all keys at once
+    kept = (~is_user | first_row).flatten()
+    lengths = batch.sparse.lengths()
+    sparse = KeyedJaggedTensor(
+        keys=keys,
+        values=batch.sparse.values()[torch.repeat_interleave(kept, lengths.long())],
+        lengths=lengths[kept],
+        stride_per_key_per_rank=[[len(request_rows)] if key in user_keys else [rows]
+                                 for key in keys],
+        inverse_indices=(keys, torch.where(is_user, owner, torch.arange(rows))),
+    )
     return Batch(batch.dense, sparse, batch.labels)
 
 
