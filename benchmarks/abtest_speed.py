@@ -49,8 +49,16 @@ def main() -> None:
 
     cfg = experiment(args.users, args.days, args.shards, args.creators)
     load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):
+        # Ray gives its raylet a fixed 30 s to register; on an overloaded machine it can miss it.
+        start = time.perf_counter()
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
     ray_init_seconds = time.perf_counter() - start
     start = time.perf_counter()
     sharded = run_world_on_ray(cfg, cfg.seeds[0])
