@@ -46,7 +46,16 @@ def harness_results(n: int, users: int, days: int, pre_days: int, policy: str) -
         "arms": [{"name": "control", "share": 0.5, "policy": policy},
                  {"name": "treatment", "share": 0.5, "policy": policy}],
     }) for i in range(n)]
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    for attempt in range(5):
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False)
+            break
+        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a loaded machine misses it
+            ray.shutdown()
+            print(f"ray.init failed ({e}); attempt {attempt + 2} of 5", flush=True)
+    else:
+        raise RuntimeError("Ray did not start in 5 attempts")
     try:
         results = run_many(configs, seeds=list(range(n)))
     finally:
