@@ -36,13 +36,24 @@ def _train(config: str, runs: Path, overrides: dict, log) -> dict:
     return result
 
 
-def lts(runs: Path, iterations: int | None, users: int, log) -> tuple[dict, dict]:
+def _finished(run_dir: str) -> dict:
+    """A finished run folder as `_train` returns it (to evaluate it again without training)."""
+    from recray.platform.rl import load_rl_config
+
+    folder = Path(run_dir)
+    history = [json.loads(line) for line in (folder / "progress.jsonl").read_text().splitlines()]
+    return {"run_dir": str(folder), "policy": str(folder / "policy.pt"), "history": history,
+            "cfg": load_rl_config(folder / "config.yaml"), "train_s": float("nan")}
+
+
+def lts(runs: Path, iterations: int | None, users: int, log, run_dir: str | None = None
+        ) -> tuple[dict, dict]:
     from recray.simulators import LONG_TERM_SATISFACTION
     from recray.simulators.evaluate import episode_returns, mean_return
     from recray.simulators.learned_policy import LearnedPolicy
 
     over = {"iterations": iterations} if iterations else {}
-    result = _train("configs/rl-lts.yaml", runs, over, log)
+    result = _finished(run_dir) if run_dir else _train("configs/rl-lts.yaml", runs, over, log)
     sensitivity = result["cfg"].env.params["sensitivity"]
 
     def greedy(path: Path) -> float:
@@ -170,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lts-iterations", type=int, help="default: the config's")
     parser.add_argument("--iev-iterations", type=int)
     parser.add_argument("--creator-iterations", type=int)
+    parser.add_argument("--lts-run", help="evaluate this finished rl-lts run folder again "
+                        "instead of training one")
     parser.add_argument("--throughput-iterations", type=int, default=4)
     parser.add_argument("--eval-users", type=int, default=1000)
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. machine load)")
@@ -185,17 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     details = json.loads(details_path.read_text()) if details_path.exists() else {}
     details["meta"] = {"cpus": os.cpu_count(), "load_at_start": os.getloadavg()[0],
                        "note": args.note, "command": " ".join(["python", *sys.argv])}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
     log = sys.stdout
     keys = {"lts": ("sensitivity", "ppo", "kale", "myopic"), "iev": ("ppo", "myopic"),
             "creator": ("ppo_day30_active", "myopic_day30_active", "engagement_ratio",
                         "ppo_exits", "myopic_exits"),
             "throughput": ("env_runners_1", "env_runners_2", "reinforce")}
     for part in args.parts.split(","):
-        start = time.perf_counter()
+        start, load_at_start = time.perf_counter(), os.getloadavg()[0]
+        if not ray.is_initialized() and not (part == "lts" and args.lts_run):
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING")
         if part == "lts":
-            figures, result = lts(runs, args.lts_iterations, args.eval_users, log)
+            figures, result = lts(runs, args.lts_iterations, args.eval_users, log, args.lts_run)
             curve_png(result, figures, out.with_name("rl_lts_curve.png"))
         elif part == "iev":
             figures, result = iev(runs, args.iev_iterations, args.eval_users, log)
@@ -209,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         if result is not None:
             extra.update(train_s=result["train_s"], run_dir=result["run_dir"],
                          history=result["history"])
-        extra.update(wall_s=time.perf_counter() - start, load_at_end=os.getloadavg()[0],
-                     eval_users=args.eval_users)
+        extra.update(wall_s=time.perf_counter() - start, load_at_start=load_at_start,
+                     load_at_end=os.getloadavg()[0], eval_users=args.eval_users,
+                     command=details["meta"]["command"], note=args.note)
         results[part] = {k: figures[k] for k in keys[part]}
         details[part] = extra
         out.write_text(json.dumps(results, indent=2, default=float) + "\n")
         details_path.write_text(json.dumps(details, indent=2, default=float) + "\n")
         print(part, json.dumps(results[part], default=float), flush=True)
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     return 0
 
 
