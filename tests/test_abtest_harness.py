@@ -372,3 +372,22 @@ def test_clickbait_against_kale_is_ahead_on_day_one_and_behind_later():
     lift = lift["clickbait"] - lift["kale"]
     assert lift.iloc[0] > 0
     assert lift.iloc[-4:].mean() < 0
+
+
+def test_a_market_retrieves_only_its_own_creators_items_and_one_market_is_the_old_world():
+    from recray.simulators.creator_ecosystem import CreatorEcosystem, CreatorWorld
+
+    world = CreatorWorld(CreatorEcosystem(num_users=200, markets=4, **WORLD), world_key(0))
+    users = np.arange(200)
+    for _ in range(6):  # two days of rounds, creators' evenings included
+        rows = world.candidates(users)
+        assert ((world.item_slot[rows] % 4) == (users % 4)[:, None]).all()
+        assert (np.sort(rows, axis=1)[:, 1:] != np.sort(rows, axis=1)[:, :-1]).all()
+        slates = np.tile(np.arange(2), (len(users), 1))
+        active = world.round_users()
+        world.end_round(world.serve(active, rows[active], slates[active]))
+    one = CreatorWorld(CreatorEcosystem(num_users=50, markets=1, **WORLD), world_key(0))
+    default = CreatorWorld(CreatorEcosystem(num_users=50, **WORLD), world_key(0))
+    np.testing.assert_array_equal(one.candidates(np.arange(50)), default.candidates(np.arange(50)))
+    with pytest.raises(ValueError, match="markets"):
+        CreatorEcosystem(num_creators=3, markets=4)
