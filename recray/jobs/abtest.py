@@ -50,10 +50,6 @@ def report(result: Any, cfg: Any, folder: Path) -> dict[str, Any] | None:
         from recray.abtest.stats import AnalysisConfig, analyze
     except ImportError:
         return None
-    if result.design == "creator":
-        # Every user's slates mix both arms' creators: the user-day frame has no treatment arm,
-        # and the comparison lives in creators.parquet (per arm of the creators) and the GTE.
-        return None
     analysis = analyze(result, AnalysisConfig.model_validate(cfg.analysis))
     write_report(result, analysis, folder)
     return analysis
@@ -78,8 +74,7 @@ def run_one(cfg: Any, seed: int, folder: Path, say: Any) -> None:
     gte = result.gte.get("watch_minutes")
     say(f"done in {time.perf_counter() - started:.0f} s"
         + (f"; GTE watch minutes/user-day {gte:+.3f}" if gte is not None else "")
-        + ("" if analysis is not None else "; no user-side statistics (creator design or "
-           "recray.abtest.stats absent): frames and result.json only"))
+        + ("" if analysis is not None else "; statistics not installed: raw frames only"))
 
 
 def run(args: argparse.Namespace) -> int:
