@@ -533,30 +533,31 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], schema: dict[str, An
                                   latency_cfg.candidates), latency_cfg)
     extras = {"family": cfg.model.name, "p50_ms": p50, "p99_ms": p99,
               "parameters": sum(p.numel() for p in model.parameters())}
-    earlier = earlier_run(trial_runs, cfg.name)
-    if earlier is not None and (earlier / "metrics.json").is_file():
-        # Trained to the end before the driver died, but Tune never heard: report, don't retrain.
-        metrics = json.loads((earlier / "metrics.json").read_text())
-        tune.report(_scalars(metrics) | extras | {"epochs_done": cfg.train.epochs,
-                                                  "run_dir": str(earlier)})
-        return
-    if earlier is not None and resumable(earlier, cfg.train.epochs):
-        cfg.resume = str(earlier)  # train.fit continues the run from its last checkpoint
+    for earlier in reversed(earlier_runs(trial_runs, cfg.name)):  # newest first
+        if (earlier / "metrics.json").is_file():
+            # Trained to the end before the driver died, but Tune never heard: report it.
+            metrics = json.loads((earlier / "metrics.json").read_text())
+            tune.report(_scalars(metrics) | extras | {"epochs_done": cfg.train.epochs,
+                                                      "run_dir": str(earlier)})
+            return
+        if resumable(earlier, cfg.train.epochs):
+            cfg.resume = str(earlier)  # train.fit continues the run from its last checkpoint
+            break
     result = fit(cfg, callbacks=[EpochsToTune(extras, cfg.train.epochs - 1)])
     tune.report(_scalars(result["metrics"]) | extras | {
         "epochs_done": cfg.train.epochs, "run_dir": result["run_dir"]})
 
 
-def earlier_run(trial_runs: str, name: str) -> Path | None:
-    """The newest run folder an earlier attempt of this trial left (`<name>-<stamp>`), or None.
+def earlier_runs(trial_runs: str, name: str) -> list[Path]:
+    """The run folders earlier attempts of this trial left (`<name>-<stamp>`), oldest first.
 
     Why not Tune's own trial checkpoints: every epoch's Train checkpoint is already in the
     trial's run folder, and `train.fit`'s `resume` continues a run from it; reporting it to
     Tune as well would store each checkpoint twice. Tuner.restore(resume_unfinished=True)
     starts an unfinished trial again under its old id, so its folder is found by name.
     """
-    runs = sorted(p for p in Path(trial_runs).glob(f"{name}-*") if p.is_dir())
-    return runs[-1] if runs else None
+    return sorted((p for p in Path(trial_runs).glob(f"{name}-*") if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime)
 
 
 def resumable(run_dir: Path, epochs: int) -> bool:
