@@ -652,9 +652,16 @@ def start_ray() -> None:
     port = _free_port()
     # include_dashboard stays Ray's default: a dashboard slow to start on a loaded machine is
     # then no error (the cleaner waits for it), where include_dashboard=True fails ray.init.
-    context = ray.init(
-        address="local", log_to_driver=False, dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    for attempt in range(3):
+        try:
+            context = ray.init(
+                address="local", log_to_driver=False, dashboard_port=port,
+                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+            break
+        except Exception as e:  # Ray gives its raylet a fixed 30 s, which a loaded host misses
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     if not (context.dashboard_url or "").endswith(f":{port}"):
         print(f"warning: Ray's dashboard is at {context.dashboard_url!r}, not port {port}: trials "
               "that the scheduler stops may keep their CPUs until the search ends",
