@@ -417,19 +417,23 @@ def _initialise(
     for key, value in dmp.state_dict().items():
         source = full[key]
         table = key.rsplit(".", 2)[-2]  # ...embedding_bags.<table>.weight
-
-        def rows_of(offsets, sizes, source=source, table=table):
-            (row, col), (height, width) = offsets, sizes
-            if source.is_meta:
-                return initial_rows(seed, table, source.shape[0], source.shape[1],
-                                    (row, row + height), (col, col + width), scale_rows)
-            return source[row : row + height, col : col + width]
-
         if isinstance(value, ShardedTensor):
-            for shard_ in value.local_shards():
-                shard_.tensor.copy_(rows_of(shard_.metadata.shard_offsets, shard_.metadata.shard_sizes))
+            pieces = [(s.tensor, s.metadata.shard_offsets) for s in value.local_shards()]
         else:
-            value.copy_(rows_of((0, 0), tuple(source.shape)) if source.is_meta else source)
+            pieces = [(value, (0, 0))]
+        for target, (row, col) in pieces:
+            if not source.is_meta:
+                whole = target.shape == source.shape  # dense weights, a replica, a one-rank table
+                target.copy_(source if whole else source[row : row + target.shape[0],
+                                                         col : col + target.shape[1]])
+                continue
+            height, width = target.shape
+            # A chunk at a time: a whole shard's draw would double the shard's memory at its peak.
+            for lo in range(row, row + height, ROW_CHUNK):
+                hi = min(row + height, (lo // ROW_CHUNK + 1) * ROW_CHUNK)
+                target[lo - row : hi - row].copy_(initial_rows(
+                    seed, table, source.shape[0], source.shape[1], (lo, hi), (col, col + width),
+                    scale_rows))
 
 
 def describe_plan(plan, world: int, sizes: dict[tuple[str, str], int], per_rank: bool = True) -> str:
