@@ -72,11 +72,14 @@ def test_criteo_vocabulary_is_the_train_values_seen_min_count_times(tmp_path):
     assert 0 < len(schema.feature("C1").vocabulary) < frame[14].nunique()
 
 
-def test_value_counts_merge_across_chunks_like_one_count():
+def test_value_counts_merge_across_chunks_like_one_count(monkeypatch):
     from collections import Counter
 
     import pyarrow as pa
 
+    import recray.data.loaders.vocab as vocab
+
+    monkeypatch.setattr(vocab, "MERGE_ROWS", 5)  # merge many times along the way
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 50, rng.integers(0, 40)) for _ in range(30)]
     counter = ValueCounts()

@@ -8,9 +8,10 @@ import pyarrow.compute as pc
 
 from recray.data.schema import FIRST_VOCABULARY_ID, MISSING_ID, OOV_ID
 
-# Per-chunk counts wait in a list until they hold this many (value, count) rows, then merge into
-# one table: merging after every chunk would cost O(distinct values) per chunk.
-MERGE_ROWS = 2_000_000
+# Per-chunk counts wait in a list until they hold as many (value, count) rows as the merged table
+# (at least MERGE_ROWS), then merge into it: merging after every chunk would cost O(distinct
+# values) per chunk, and a fixed large batch would hold that many rows per column while waiting.
+MERGE_ROWS = 100_000
 
 
 class ValueCounts:
@@ -34,7 +35,8 @@ class ValueCounts:
         )
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        if self._pending_rows >= MERGE_ROWS:
+        merged_rows = 0 if self._merged is None else self._merged.num_rows
+        if self._pending_rows >= max(MERGE_ROWS, merged_rows):
             self._merge()
 
     def _merge(self) -> None:
