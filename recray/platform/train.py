@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray.train
 import torch
 import yaml
+from ray.data.collate_fn import ArrowBatchCollateFn
 from sklearn.metrics import log_loss, roc_auc_score
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -336,22 +337,22 @@ def evaluate(model, shard, schema: Schema, batch_size: int, split: str) -> dict[
     model.eval()
     device = next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    batches = iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+    batches = iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=ToBatch(schema, split)))
     labels, probs = [], []
     while True:
-        table = next(batches, None)
+        scored = next(batches, None)
         if distributed:
-            more = torch.tensor([table is not None], dtype=torch.int32, device=device)
+            more = torch.tensor([scored is not None], dtype=torch.int32, device=device)
             dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if not more.item():
                 break
-        elif table is None:
+        elif scored is None:
             break
-        batch = _placeholder_batch(schema) if table is None else to_batch(table, schema, source=split)
+        batch = _placeholder_batch(schema) if scored is None else scored
         if device.type != "cpu":
             batch = batch.to(device, non_blocking=True)
         scores = torch.sigmoid(model(batch)).cpu().numpy()
-        if table is not None:
+        if scored is not None:
             labels.append(batch.labels.cpu().numpy())
             probs.append(scores)
     model.train()
@@ -444,10 +445,9 @@ def train_func(config: dict[str, Any]) -> dict[str, float]:
         started, rows, steps, compute_seconds = time.perf_counter(), 0, 0, 0.0
         train_shard = ray.train.get_dataset_shard("train")
         local_losses, lr_curve = [], []
-        for table in epoch_batches(train_shard, cfg, rank, world, epoch):
+        for batch in epoch_batches(train_shard, cfg, rank, world, epoch, schema):
             _maybe_fail(cfg, run_dir, rank, epoch, steps)
             step_started = time.perf_counter()
-            batch = to_batch(table, schema, source="train")
             if device.type != "cpu":
                 batch = batch.to(device, non_blocking=True)
             if len(batch) == 0:
@@ -562,25 +562,48 @@ def _final_metrics(model, cfg: TrainConfig, schema: Schema, best: BestEpoch, epo
     return out
 
 
-def epoch_batches(shard, cfg: TrainConfig, rank: int, world: int, epoch: int) -> Iterator[pa.Table]:
-    """This rank's train batches for one epoch, shuffled by (seed, epoch) unless train.shuffle is off.
+class ToBatch(ArrowBatchCollateFn):
+    """Ray Data's collate step: an Arrow batch (or this rank's slice of it) -> a `Batch` of KJTs
+    (without a schema, the Arrow slice itself).
+
+    Ray runs collate functions in the iterator's prefetch threads, so the conversion overlaps
+    the training step instead of running between steps.
+    """
+
+    def __init__(self, schema: Schema | None, source: str, rows: slice | None = None) -> None:
+        super().__init__()
+        self.schema, self.source, self.rows = schema, source, rows
+
+    def __call__(self, table: pa.Table) -> Batch | pa.Table:
+        if self.rows is not None:
+            table = table.slice(self.rows.start, self.rows.stop - self.rows.start)
+        return table if self.schema is None else to_batch(table, self.schema, source=self.source)
+
+
+def epoch_batches(
+    shard, cfg: TrainConfig, rank: int, world: int, epoch: int, schema: Schema | None = None
+) -> Iterator[Batch | pa.Table]:
+    """This rank's train batches for one epoch, shuffled by (seed, epoch) unless train.shuffle is off:
+    `Batch`es of KJTs when given the schema, else Arrow tables.
 
     With global_batches every rank reads the same shuffled global batches (same seed on every
     rank) and trains on its slice, so the data order is that of one worker for any worker count.
     """
     shuffle_rows = cfg.train.shuffle_buffer_rows if cfg.train.shuffle else 0
-    global_batch = cfg.train.batch_size * (world if cfg.train.global_batches else 1)
-    for table in shard.iter_batches(
+    size = cfg.train.batch_size
+    global_batch = size * (world if cfg.train.global_batches else 1)
+    mine = slice(rank * size, (rank + 1) * size) if cfg.train.global_batches else None
+    yield from shard.iter_torch_batches(
         batch_size=global_batch,
-        batch_format="pyarrow",
+        collate_fn=ToBatch(schema, "train", mine),
         local_shuffle_buffer_size=shuffle_rows or None,
         local_shuffle_seed=derived_seed(cfg.seed, DATA_STREAM, 0, epoch),
-        prefetch_batches=cfg.train.prefetch_batches,
+        # At least one batch ahead: the collate (KJT conversion) runs in the prefetch threads.
+        prefetch_batches=max(cfg.train.prefetch_batches, 1),
         # A short last global batch could leave a rank without rows while the others run a
         # collective forward (DMP's all-to-all): drop it so every rank steps together.
         drop_last=cfg.train.global_batches,
-    ):
-        yield table.slice(rank * cfg.train.batch_size, cfg.train.batch_size) if cfg.train.global_batches else table
+    )
 
 
 def _mean_over_ranks(losses: list[torch.Tensor]) -> list[float]:
@@ -760,6 +783,22 @@ class ExactEvalSplits(ray.train.DataConfig):
         return output
 
 
+# Materialise the splits when their decoded size is at most this share of the object store.
+MATERIALIZE_SHARE = 0.25
+
+
+def _fits_object_store(data_path: str) -> bool:
+    """The splits' uncompressed size (Parquet metadata) against the object store's capacity."""
+    import pyarrow.parquet as pq
+    import ray
+
+    if _is_uri(data_path):  # stream remote data sets: their size is a listing away
+        return False
+    footers = [pq.read_metadata(f"{data_path}/{split}.parquet") for split in SPLITS]
+    decoded = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
+    return decoded <= MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+
+
 def split_datasets(cfg: TrainConfig) -> dict[str, Any]:
     """The data folder's splits as Ray Datasets, the train split in a seeded block order."""
     import ray.data
@@ -770,6 +809,10 @@ def split_datasets(cfg: TrainConfig) -> dict[str, Any]:
     datasets = {
         split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
     }
+    if _fits_object_store(cfg.data.path):
+        # Read once into the object store: every later epoch (and eval) iterates the decoded
+        # blocks instead of decoding Parquet again, which on 2 cores is most of Ray Data's cost.
+        datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
     if cfg.train.shuffle:
         # One seeded block order per run, mixed anew each epoch by the seeded local buffer of
         # `epoch_batches`. Ray's own per-epoch reseeding counts executions per process, which a
