@@ -377,19 +377,21 @@ def export_module(algo: Any, cfg: RLConfig, path: Path) -> Path:
                          num_candidates=int(spaces[1].nvec[0]), slate_size=int(spaces[1].shape[0]))
 
 
-def train(cfg: RLConfig, resume: str | None = None, out=None) -> dict[str, Any]:
+def train(cfg: RLConfig, resume: str | None = None, out: Any = None,
+          run: tuple[Path, Path | None] | None = None) -> dict[str, Any]:
     """Train PPO for `cfg.iterations` (more) iterations; returns the run folder and the history.
 
     Progress is one line per iteration on `out` (default stdout); checkpoints go to
     `<run>/checkpoints/iter_NNNNN/` (RLlib's, with the exported `policy.pt` beside them), the last
-    one's policy also to `<run>/policy.pt`; the history to `<run>/progress.jsonl`.
+    one's policy also to `<run>/policy.pt`; the history to `<run>/progress.jsonl`. `run` is
+    `run_folder(cfg, resume)` when the caller made the folder already (to log into it).
     """
     import sys
 
     import ray
 
     out = out or sys.stdout
-    folder, checkpoint = run_folder(cfg, resume)
+    folder, checkpoint = run or run_folder(cfg, resume)
     check_env(cfg, "config")
     if checkpoint is None:
         (folder / "config.yaml").write_text(
