@@ -57,8 +57,8 @@ def prepare_flat(
             for name in categorical:
                 counts[name].add(chunk.column(name).filter(train))
         vocabularies = {
-            name: frequent_values(counts[name].table(), min_count) for name in categorical
-        }
+            name: frequent_values(counts.pop(name).table(), min_count) for name in categorical
+        }  # popped: every distinct value's count is freed before the writing pass
         id_features = [
             Feature(
                 name=name,
