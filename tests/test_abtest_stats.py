@@ -247,3 +247,18 @@ def test_clickbait_vs_kale_on_long_term_satisfaction_is_flagged_as_novelty():
     watch = result["comparisons"][0]["metrics"]["watch_minutes"]
     assert watch["daily"]["rel_effect"][0] > 0 > watch["daily"]["rel_effect"][-1]
     assert watch["novelty"]["flag"] == "novelty" and watch["novelty"]["sign_flip"]
+
+
+def test_few_units_and_flat_metrics_are_handled():
+    """Two markets an arm, no churn: the MDE of the flat metric is null, not a crash; a single
+    unit in an arm is refused by name."""
+    few = analyze(synthetic_experiment(users=40, days=3, pre_days=2, cluster_size=10,
+                                       churn_hazard=0.0, seed=1))
+    churned = few["comparisons"][0]["metrics"]["churned"]
+    assert few["units"] == {"control": 2, "treatment": 2}
+    assert churned["power"]["mde"] is None and "no minimum detectable effect" in churned["power"]["reason"]
+    lonely = next(r for r in (synthetic_experiment(users=40, days=3, pre_days=2, cluster_size=10,
+                                                   seed=s) for s in range(20))
+                  if r.users.groupby("arm")["unit"].nunique().min() == 1)
+    with pytest.raises(ValueError, match="single randomisation unit \\(cluster design\\)"):
+        analyze(lonely, FAST)

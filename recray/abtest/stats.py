@@ -402,9 +402,14 @@ def minimum_detectable_effect(table: pd.DataFrame, metric: str, ratio: float, al
     """tea-tasting's MDE (absolute and relative) at this many units and this variance."""
     numer, denom = METRICS[metric]
     spec = tt.RatioOfMeans(numer, denom, alpha=alpha, power=power, ratio=ratio)
-    row = spec.solve_power(table, "effect_size").to_dicts()[0]
+    try:
+        row = spec.solve_power(table, "effect_size").to_dicts()[0]
+    except (ValueError, ZeroDivisionError, RuntimeError) as e:
+        # a metric with no variance (no churn in a short world) or too few units has no MDE
+        return {"mde": None, "mde_rel": None, "power": power, "units": len(table),
+                "reason": f"no minimum detectable effect: {e}"}
     return {"mde": float(row["effect_size"]), "mde_rel": float(row["rel_effect_size"]),
-            "power": power, "units": int(row["n_obs"])}
+            "power": power, "units": len(table)}
 
 
 # ---------------------------------------------------------------- the whole analysis
@@ -529,6 +534,10 @@ def analyze(result: ExperimentResult, config: AnalysisConfig | None = None) -> d
         return {**out, "units": {}, "srm": None, "comparisons": [], "per_arm": {}}
     arms = unit_arms(result.users)
     srm = srm_check(arms, result.arms, result.shares, config.srm_alpha)
+    lonely = {arm: n for arm, n in srm["counts"].items() if n < 2}
+    if lonely:
+        raise ValueError(f"arms {lonely} have a single randomisation unit ({result.design} design): "
+                         "a variance needs at least 2 units per arm (more clusters or markets)")
     table = unit_table(sums, arms)
     return {
         **out, "units": srm["counts"], "srm": srm,
