@@ -103,11 +103,32 @@ class FeatureEmbedding(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """-> (`{sparse name: [B, dim]}`, `{sequence name: (values [T, dim], offsets [B+1])}`).
 
-        `features` may be TorchRec's variable-batch KJT, whose `inverse_indices` map each of the
-        B rows to a row of its key (serving: one user's ids looked up once and broadcast to all
-        their candidates). The bags expand their output themselves; unpooled lookups are
-        expanded here, after the lookup, so every row gets the vectors of its own ids.
+        `features` may carry TorchRec's `inverse_indices` (a variable-batch KJT): they map each
+        of the B rows to the row of each key that holds its ids (serving: one user's ids looked
+        up once for all their candidates). The bags broadcast their output themselves; unpooled
+        lookups are broadcast here, after the lookup, so every row gets its own ids' vectors.
         """
+        pooled, sequences, rows = self._lookup(features)
+        for name, (values, lengths) in sequences.items():
+            if rows is not None:
+                values, lengths = torch.ops.fbgemm.jagged_index_select(values, lengths, rows[name])
+            sequences[name] = (values, F.pad(lengths.long().cumsum(0), (1, 0)))
+        return pooled, sequences
+
+    def fields(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
+        """One `[B, dim]` field per id feature in schema order; sequences are mean-pooled (once
+        per row of their key, then broadcast when `features` carries `inverse_indices`)."""
+        pooled, sequences, rows = self._lookup(features)
+        for name, (values, lengths) in sequences.items():
+            vectors = segment_pool(values, lengths, "mean")
+            pooled[name] = vectors if rows is None else vectors[rows[name]]
+        return [pooled[name] for name in self.id_names]
+
+    def _lookup(self, features: KeyedJaggedTensor) -> tuple[
+        dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]],
+        dict[str, torch.Tensor] | None,
+    ]:
+        """-> (`{sparse: [B, dim]}`, `{sequence: (values, lengths)}` per row of its key, rows)."""
         pooled = self.bags(features).to_dict() if self.bags is not None else {}
         rows = _rows_per_key(features)
         sequences = {}
@@ -117,24 +138,13 @@ class FeatureEmbedding(nn.Module):
                 if name in self._pooled_here:
                     vectors = segment_pool(values, lengths, self._pooled_here[name])
                     pooled[name] = vectors if rows is None else vectors[rows[name]]
-                elif rows is None:
-                    sequences[name] = (values, jagged.offsets())
                 else:
-                    values, lengths = torch.ops.fbgemm.jagged_index_select(
-                        values, lengths, rows[name]
-                    )
-                    sequences[name] = (values, F.pad(lengths.long().cumsum(0), (1, 0)))
+                    sequences[name] = (values, lengths)
         return (
             {name: pooled[name] for name in self.sparse_names},
             {name: sequences[name] for name in self.sequence_names},
+            rows,
         )
-
-    def fields(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
-        """One `[B, dim]` field per id feature in schema order; sequences are mean-pooled."""
-        pooled, sequences = self(features)
-        for name, (values, offsets) in sequences.items():
-            pooled[name] = segment_pool(values, offsets[1:] - offsets[:-1], "mean")
-        return [pooled[name] for name in self.id_names]
 
 
 def _rows_per_key(features: KeyedJaggedTensor) -> dict[str, torch.Tensor] | None:
