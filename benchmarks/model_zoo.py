@@ -26,7 +26,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from recray import models
 from recray.data.schema import Schema
-from recray.platform.config import load_train_config
+from recray.platform.config import ConfigError, load_train_config
 from recray.platform.train import fit
 
 # RecBole 1.2.1's test AUC on MovieLens-100K under the same protocol (its defaults), by recray name.
@@ -109,8 +109,9 @@ def run_model(config: Path, name: str, seed: int) -> dict:
 def summary(rows: list[dict]) -> list[dict]:
     """Per model: test AUC mean and std over seeds, the epochs run and won, the peer's figure."""
     out = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name]
+    measured = [r for r in rows if "error" not in r]
+    for name in dict.fromkeys(r["model"] for r in measured):
+        mine = [r for r in measured if r["model"] == name]
         auc = np.array([r["test_auc"] for r in mine])
         epochs = [r["epochs_run"] for r in mine if r["epochs_run"] is not None]
         best = [r["best_epoch"] for r in mine if r["best_epoch"] is not None]
@@ -161,7 +162,10 @@ def main() -> None:
     write()
     for name in args.models:
         for seed in args.seeds:
-            rows.append(run_model(args.config, name, seed))
+            try:
+                rows.append(run_model(args.config, name, seed))
+            except ConfigError as e:  # a model this data cannot feed (no sequence, one task)
+                rows.append({"model": name, "seed": seed, "error": str(e)})
             print(json.dumps(rows[-1]), flush=True)
             write()
     print("\n" + table(summary(rows)))
