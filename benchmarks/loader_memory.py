@@ -92,7 +92,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
-    parser.add_argument("--block-size", type=int, default=16 << 20, help="CSV bytes per chunk")
+    parser.add_argument("--block-size", type=int, default=4 << 20, help="CSV bytes per chunk")
     parser.add_argument("--workdir", type=Path, help="where the file goes (default: a temp dir)")
     parser.add_argument("--note", default="", help="machine conditions, stored in the JSON")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loader_memory.json"))

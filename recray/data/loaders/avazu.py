@@ -21,7 +21,7 @@ CATEGORICAL = [
     *(f"C{i}" for i in range(14, 22)),
 ]
 COLUMNS = ["id", "click", "hour", *CATEGORICAL]
-BLOCK_BYTES = 16 << 20  # CSV bytes per chunk: ~100k Avazu rows
+BLOCK_BYTES = 4 << 20  # CSV bytes per chunk: ~25k Avazu rows
 
 
 def hour_features(hour: pa.Array | pa.ChunkedArray) -> dict[str, np.ndarray]:

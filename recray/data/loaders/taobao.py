@@ -28,7 +28,7 @@ from recray.data.loaders.vocab import check_min_count, frequent_values, vocabula
 from recray.data.schema import Feature, Schema
 
 COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
-BLOCK_BYTES = 16 << 20  # CSV bytes per chunk: ~500k rows
+BLOCK_BYTES = 4 << 20  # CSV bytes per chunk: ~120k rows
 MAX_DRAWS = 32  # rejection rounds before a positive without a usable negative is left out
 
 
