@@ -72,7 +72,9 @@ def main() -> None:
         "placement_groups_left": summary["placement_groups_left"],
         "best": {"trial": best["trial"], "family": best["family"], "test_auc": best["test_auc"],
                  "valid_auc": best["valid_auc"], "p99_ms": best["p99_ms"],
-                 "config": {"model": best_train["model"], "train": best_train["train"]}},
+                 "config": {"model": best_train["model"], "train": best_train["train"]},
+                 # The searched values, data settings (embedding dim, history cap) included.
+                 "searched": best["params"]},
         "zoo_default_test_auc": zoo,
         "best_minus_best_zoo_default": best["test_auc"] - max(z["mean"] for z in zoo.values()),
         "best_minus_zoo_default_of_its_family": (

@@ -67,7 +67,9 @@ def main() -> None:
         "best": {"trial": best["trial"], "test_auc": best["test_auc"],
                  "valid_auc": best["valid_auc"], "p50_ms": best["p50_ms"],
                  "p99_ms": best["p99_ms"],
-                 "config": {"model": best_train["model"], "train": best_train["train"]}},
+                 "config": {"model": best_train["model"], "train": best_train["train"]},
+                 # The searched values, data settings (embedding dim, history cap) included.
+                 "searched": best["params"]},
         "oracle_test_auc": oracle["test"]["auc"],
         "gap_to_oracle": oracle["test"]["auc"] - best["test_auc"],
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
