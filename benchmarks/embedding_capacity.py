@@ -104,8 +104,10 @@ class WorkerPeakRSS:
 
 def capacity_config(data: Path, storage: str, workers: int, budget: int | None, *,
                     epochs: int, batch_size: int, scale_rows: int, name: str) -> TrainConfig:
-    sharding = {"enabled": True, "embedding_optimizer": "sgd", "embedding_lr": 0.05,
-                "init_scale_rows": scale_rows}
+    # table_wise for every table in both runs: left to itself the planner replicates small tables
+    # (data_parallel), which then train with the dense optimizer instead of the fused one.
+    sharding = {"enabled": True, "default_type": "table_wise", "embedding_optimizer": "sgd",
+                "embedding_lr": 0.05, "init_scale_rows": scale_rows}
     if budget is not None:
         # The whole budget holds tables: the dense part here is a few hundred kB.
         sharding |= {"memory_per_worker": budget, "memory_reserved_fraction": 0.0}
