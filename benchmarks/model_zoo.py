@@ -125,7 +125,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The README's quality table (markdown)."""
-    lines = ["| model | test AUC (mean ± std) | seeds | epochs run (best) | RecBole 1.2.1 |",
+    lines = ["| model | test AUC (mean ± std) | seeds | epochs run (best epoch, from 1) | RecBole 1.2.1 |",
              "|---|---|---:|---|---:|"]
     for s in sorted(rows, key=lambda s: -s["test_auc_mean"]):
         epochs = ("-" if s["epochs_run_mean"] is None
