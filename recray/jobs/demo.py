@@ -201,7 +201,9 @@ def _run(args: argparse.Namespace, out: Path, terminal: TextIO) -> int:
                                                        seed=args.seed))
     stages.done(f"oracle click AUC on the test days {oracle['test']['auc']:.4f}")
 
-    ray.init(address="local", _node_ip_address="127.0.0.1", logging_level="WARNING")
+    from recray.platform.tune import start_ray
+
+    start_ray()  # Tune's start: stopped trials' placement groups are cleaned up (see there)
     try:
         stages.begin(f"training {PRODUCTION} (production) and {', '.join(CANDIDATES)} on Ray "
                      "Train (dcnv2 sharded on 2 workers)")
