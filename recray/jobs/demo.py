@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 from recray.jobs import main_for, output_to_file
 
-PRODUCTION = "lr"                 # the incumbent the winner has to beat online
-CANDIDATES = ("dnn", "dcnv2")     # dcnv2 trains TorchRec-sharded on 2 workers
+PRODUCTION = "dnn"                # the incumbent the winner has to beat online
+CANDIDATES = ("deepfm", "dcnv2")  # dcnv2 trains TorchRec-sharded on 2 workers
 STAGES = 6
 
 
@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=1000, help="users of the logged world")
     parser.add_argument("--log-days", type=int, default=7, help="days of logged impressions")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=3, help="trials of the small search")
-    parser.add_argument("--ab-users", type=int, default=2000, help="users in the online A/B test")
-    parser.add_argument("--ab-days", type=int, default=5, help="experiment days of the A/B test")
+    parser.add_argument("--trials", type=int, default=2,
+                        help="trials of the small search (split over DNN and DCN-v2)")
+    parser.add_argument("--ab-users", type=int, default=1000, help="users in the online A/B test")
+    parser.add_argument("--ab-days", type=int, default=4, help="experiment days of the A/B test")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -97,7 +98,7 @@ def tune_stage(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "name": "demo-tune",
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "search": {
-            "num_samples": max(1, args.trials // 2 + args.trials % 2),
+            "num_samples": max(1, args.trials // 2),
             "max_concurrent_trials": 1,
             "scheduler": {"name": "asha", "options": {"grace_period": 1, "reduction_factor": 2}},
             "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}},
@@ -131,26 +132,39 @@ def serve_stage(production: dict[str, Any], winner: dict[str, Any]) -> str:
     return deploy(cfg)
 
 
-def abtest_stage(args: argparse.Namespace, url: str, folder: Path, say: Any) -> dict[str, Any]:
+def abtest_stage(args: argparse.Namespace, url: str, production: dict[str, Any],
+                 winner: dict[str, Any], folder: Path, say: Any) -> dict[str, Any]:
+    import ray
+
     from recray.abtest.config import parse_config, validate
+    from recray.abtest.harness import global_treatment_effect
     from recray.abtest.report import write_report
     from recray.abtest.stats import AnalysisConfig, analyze
-    from recray.platform.abtest import run_experiment_on_ray
+    from recray.platform.abtest import run_experiment_on_ray, start_gte_worlds
 
-    cfg = parse_config({
+    arms = [("production", production), ("challenger", winner)]
+    experiment = {
         "name": "demo-abtest",
         "world": {"params": {"num_creators": 100}},  # the logged world's creators
         "users": args.ab_users,
-        "arms": [{"name": "production", "share": 0.5,
-                  "http": {"url": url, "variant": "production"}},
-                 {"name": "challenger", "share": 0.5,
-                  "http": {"url": url, "variant": "challenger"}}],
-        "pre_days": 1, "days": args.ab_days, "seeds": [args.seed], "shards": 2, "gte": True,
+        "arms": [{"name": name, "share": 0.5, "http": {"url": url, "variant": name}}
+                 for name, _ in arms],
+        "pre_days": 1, "days": args.ab_days, "seeds": [args.seed], "shards": 2, "gte": False,
         "analysis": {"alpha": 0.05, "primary": "watch_minutes",
                      "metrics": ["watch_minutes", "ctr", "active"]},
-    }, "demo")
+    }
+    cfg = parse_config(experiment, "demo")
     validate(cfg)
+    # The GTE worlds (everyone on one arm, same seed) score in-process from the same run
+    # folders: a model arm ranks exactly as its HTTP arm does (tests/test_abtest_harness.py), and
+    # two more worlds through the endpoint would triple the demo's HTTP traffic. They run as Ray
+    # tasks beside the experiment.
+    truth = parse_config(experiment | {"arms": [
+        {"name": name, "share": 0.5, "model": {"run_dir": row["run_dir"]}} for name, row in arms]},
+        "demo GTE")
+    worlds = start_gte_worlds(truth, args.seed)
     result = run_experiment_on_ray(cfg, args.seed, progress=say, check=False)
+    result.gte = global_treatment_effect(*ray.get(worlds))
     folder.mkdir(parents=True, exist_ok=True)
     analysis = analyze(result, AnalysisConfig.model_validate(cfg.analysis))
     write_report(result, analysis, folder)
@@ -225,8 +239,8 @@ def _run(args: argparse.Namespace, out: Path, terminal: TextIO) -> int:
         stages.done(f"{url}/v1/rank")
 
         stages.begin(f"A/B test through the endpoint: {args.ab_users} users, 1 pre-period + "
-                     f"{args.ab_days} days, and the GTE worlds")
-        analysis = abtest_stage(args, url, out / "abtest",
+                     f"{args.ab_days} days; the GTE worlds beside it")
+        analysis = abtest_stage(args, url, production, winner, out / "abtest",
                                 lambda line: print(f"      {line}", file=terminal, flush=True))
         stages.done("report written")
     finally:

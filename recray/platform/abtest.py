@@ -64,12 +64,18 @@ def run_experiment_on_ray(cfg: ExperimentConfig, seed: int | None = None,
     if check:
         validate(cfg)
     seed = cfg.seeds[0] if seed is None else seed
-    gte_refs = [_world_task.remote(cfg, seed, arm) for arm in (0, 1)] if cfg.gte else []
+    gte_refs = start_gte_worlds(cfg, seed) if cfg.gte else []
     result = run_world_on_ray(cfg, seed, progress=progress)
     if gte_refs:
         control, treatment = ray.get(gte_refs)
         result.gte = global_treatment_effect(control, treatment)
     return result
+
+
+def start_gte_worlds(cfg: ExperimentConfig, seed: int) -> list[Any]:
+    """The world all on control and all on treatment (same seed) as two Ray tasks; `ray.get` them
+    for `recray.abtest.harness.global_treatment_effect`."""
+    return [_world_task.remote(cfg, seed, arm) for arm in (0, 1)]
 
 
 @ray.remote(num_cpus=1)
