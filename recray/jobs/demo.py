@@ -217,7 +217,9 @@ def _run(args: argparse.Namespace, out: Path, terminal: TextIO) -> int:
 
     from recray.platform.tune import start_ray
 
-    start_ray()  # Tune's start: stopped trials' placement groups are cleaned up (see there)
+    owns_ray = not ray.is_initialized()  # inside a Ray job or a test session: use that Ray
+    if owns_ray:
+        start_ray()  # Tune's start: stopped trials' placement groups are cleaned up (see there)
     try:
         stages.begin(f"training {PRODUCTION} (production) and {', '.join(CANDIDATES)} on Ray "
                      "Train (dcnv2 sharded on 2 workers)")
@@ -245,7 +247,8 @@ def _run(args: argparse.Namespace, out: Path, terminal: TextIO) -> int:
         stages.done("report written")
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
     stages.begin("report")
     report = {"oracle": oracle, "models": trained, "tune": {k: v for k, v in tuned.items()

@@ -639,6 +639,11 @@ def _maybe_fail(cfg: TrainConfig, run_dir: str, rank: int, epoch: int, step: int
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{time.time()}\n")
+    # Ray Train's controller collects reports when it polls the workers (every 2 s by default):
+    # a worker dying sooner after a report loses it, and with splits held in the object store
+    # the next epoch reaches step 3 within that. Let one poll pass, so the test checks resuming
+    # from the last collected checkpoint, not the race.
+    time.sleep(2 * 2.0)
     os._exit(1)
 
 
