@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from recray.data.loaders.common import ROW_KEY, SplitWriter, random_split, split_codes
+from recray.data.loaders.common import ROW_KEY, SplitWriter, fixed_split, random_split
 from recray.data.loaders.vocab import ValueCounts, frequent_values, vocabulary_ids
 from recray.data.schema import Feature, Schema
 
@@ -44,8 +44,10 @@ def prepare_flat(
     n = 0
     for chunk in tqdm(chunks(), desc=f"{data_set}: counting rows", unit="chunk"):
         n += chunk.num_rows
-    codes = split_codes(
-        pa.table({ROW_KEY: np.arange(n)}), split_files, random_split(n, seed), allow_partial_split
+    codes = (
+        random_split(n, seed)
+        if split_files is None  # no row-number column then: it would cost 8 bytes per row
+        else fixed_split(split_files, pa.table({ROW_KEY: np.arange(n)}), allow_partial_split)
     )
     vocabularies: dict[str, pa.Array] = {}
     if hashed is None:

@@ -10,8 +10,10 @@ from recray.data.schema import FIRST_VOCABULARY_ID, MISSING_ID, OOV_ID
 
 # Per-chunk counts wait in a list until they hold as many (value, count) rows as the merged table
 # (at least MERGE_ROWS), then merge into it: merging after every chunk would cost O(distinct
-# values) per chunk, and a fixed large batch would hold that many rows per column while waiting.
-MERGE_ROWS = 100_000
+# values) per chunk, and a fixed large batch would hold that many rows per column while waiting
+# (100k rows made Criteo's 26 columns hold ~50 MB of pending counts, growing with the file up to
+# that size). Waiting for the merged table's size keeps the merges amortised O(1) per count.
+MERGE_ROWS = 16_384
 
 
 class ValueCounts:
