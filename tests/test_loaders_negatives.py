@@ -80,3 +80,25 @@ def test_item_ids_alone_do_not_rank_test_negatives_above_positives(tmp_path):
         assert auc > 0.5 - 2 * se, (seed, auc, se)
         aucs.append(auc)
     assert np.mean(aucs) > 0.5 - 1.5 * se / np.sqrt(2)
+
+
+def test_a_positives_negatives_depend_on_its_key_alone():
+    # the streaming loader draws a bucket's positives at a time: each positive's draws must be
+    # the same whichever positives are drawn alongside it, and differ with the seed
+    rng = np.random.default_rng(1)
+    n = 2000
+    user, item = rng.integers(0, 30, n), rng.integers(0, 200, n)
+    time = rng.integers(0, 5000, n)
+    positives = rng.choice(n, 400, replace=False)
+    drawn, complete = sample_negatives(user, item, time, positives, 2, 900, seed=3)
+    part = rng.permutation(len(positives))[:150]
+    drawn_part, complete_part = sample_negatives(user, item, time, positives[part], 2, 900, seed=3)
+    assert (drawn_part == drawn[part]).all() and (complete_part == complete[part]).all()
+    # keyed on something else than the click index: the same keys, the same draws
+    keys = positives * 7 + 11
+    keyed, _ = sample_negatives(user, item, time, positives, 2, 900, seed=3, keys=keys)
+    keyed_part, _ = sample_negatives(user, item, time, positives[part], 2, 900, seed=3,
+                                     keys=keys[part])
+    assert (keyed_part == keyed[part]).all()
+    other_seed, _ = sample_negatives(user, item, time, positives, 2, 900, seed=4)
+    assert (other_seed != drawn).mean() > 0.5
