@@ -516,3 +516,15 @@ def test_per_variant_request_counts_reach_rays_metrics_endpoint(endpoint, data_d
         time.sleep(2)
     assert found and max(found) >= 3, text[-2000:]
     assert re.search(r'^\w*recray_rank_latency_ms_bucket\{[^}]*variant="din"', text, re.M)
+
+
+def test_new_run_folders_started_in_the_same_second_never_share_a_folder(tmp_path, monkeypatch):
+    import time as time_module
+
+    from recray.platform.run_folder import new_run_folder
+
+    monkeypatch.setattr(time_module, "strftime", lambda fmt: "20260101-120000")  # one second
+    folders = [new_run_folder(tmp_path / "runs", "sim") for _ in range(3)]
+    assert [f.name for f in folders] == ["sim-20260101-120000", "sim-20260101-120000-1",
+                                         "sim-20260101-120000-2"]
+    assert all(f.is_dir() for f in folders)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from recray.platform.config import ConfigError, _Strict, load_yaml, parse
+from recray.platform.run_folder import new_run_folder
 from recray.simulators import CREATOR_ECOSYSTEM, INTEREST_EVOLUTION, LONG_TERM_SATISFACTION
 from recray.simulators.learned_policy import (
     LearnedPolicy,
@@ -321,14 +321,7 @@ def run_folder(cfg: RLConfig, resume: str | None) -> tuple[Path, Path | None]:
     """
     root = Path(cfg.storage_path)
     if resume is None:
-        root.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder, attempt = root / f"{cfg.name}-{stamp}", 0
-        while folder.exists():
-            attempt += 1
-            folder = root / f"{cfg.name}-{stamp}-{attempt}"
-        folder.mkdir()
-        return folder, None
+        return new_run_folder(root, cfg.name), None
     given = Path(resume).expanduser()
     folder = given if given.is_dir() else root / resume
     checkpoint = latest_checkpoint(folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,26 @@ DCP_SHARDS = Path("model") / "dcp"
 # Prefixes that wrappers add to a module's parameter names: a train-state dict ({"model": ...}),
 # TorchRec's DistributedModelParallel and DDP. A DCP checkpoint of a wrapped model keeps them.
 WRAPPER_PREFIXES = ("model.", "_dmp_wrapped_module.", "module.")
+
+
+def new_run_folder(root: str | Path, name: str) -> Path:
+    """A new folder `root/<name>-<YYYYmmdd-HHMMSS>`, reserved by creating it (a suffix when taken).
+
+    The one naming rule for train, tune and RL runs. A fixed name would make a second run
+    silently continue the first (Ray reloads whatever checkpoint it finds under it); the
+    exclusive mkdir keeps two runs started in the same second apart.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, attempt = root / f"{name}-{stamp}", 0
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            attempt += 1
+            folder = root / f"{name}-{stamp}-{attempt}"
 
 
 @dataclass

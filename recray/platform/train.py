@@ -140,24 +140,12 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
 
 # --- run folders: a new run gets its own; only `resume` continues an old one -------------------
 def _new_run_name(cfg: TrainConfig) -> str:
-    """`<name>-<YYYYmmdd-HHMMSS>`, reserved by creating its folder (a suffix when taken).
-
-    Ray Train reloads whatever checkpoint it finds under storage_path/name, so a fixed name
-    would make every second run silently continue the first.
-    """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """`<name>-<YYYYmmdd-HHMMSS>`, reserved by creating its folder (see `new_run_folder`)."""
     if _is_uri(cfg.storage_path):  # object stores have no exclusive create: the stamp must do
-        return f"{cfg.name}-{stamp}"
-    root = Path(cfg.storage_path)
-    root.mkdir(parents=True, exist_ok=True)
-    name, attempt = f"{cfg.name}-{stamp}", 0
-    while True:
-        try:
-            (root / name).mkdir()
-            return name
-        except FileExistsError:  # another run of this name started in the same second
-            attempt += 1
-            name = f"{cfg.name}-{stamp}-{attempt}"
+        return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from recray.platform.run_folder import new_run_folder
+
+    return new_run_folder(cfg.storage_path, cfg.name).name
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:

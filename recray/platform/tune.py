@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from recray.data.schema import Schema
 from recray.platform.config import ConfigError, OptimSection, TrainConfig, _Strict, parse
+from recray.platform.run_folder import new_run_folder
 
 METRIC = "valid_auc"
 DOMAIN_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -607,14 +608,7 @@ def tune_folder(cfg: TuneConfig, resume: str | None) -> tuple[Path, bool]:
     """
     root = Path(cfg.storage_path)
     if resume is None:
-        root.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder, attempt = root / f"{cfg.name}-{stamp}", 0
-        while folder.exists():
-            attempt += 1
-            folder = root / f"{cfg.name}-{stamp}-{attempt}"
-        folder.mkdir()
-        return folder, False
+        return new_run_folder(root, cfg.name), False
     if resume == "latest":
         candidates = sorted((p for p in root.glob(f"{cfg.name}-*") if (p / EXPERIMENT).is_dir()),
                             key=lambda p: p.stat().st_mtime)
