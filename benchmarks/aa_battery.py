@@ -30,6 +30,7 @@ from statsmodels.stats.power import TTestIndPower
 
 from recray.abtest.result import ExperimentResult
 from recray.abtest.stats import AnalysisConfig, analyze, unit_arms, unit_day_sums, unit_table
+from recray.platform.ray_init import init_local_ray
 
 PRIMARY = "watch_minutes"
 ANALYSIS = AnalysisConfig(metrics=[PRIMARY], primary=PRIMARY, with_power=False)
@@ -46,16 +47,8 @@ def harness_results(n: int, users: int, days: int, pre_days: int, policy: str) -
         "arms": [{"name": "control", "share": 0.5, "policy": policy},
                  {"name": "treatment", "share": 0.5, "policy": policy}],
     }) for i in range(n)]
-    for attempt in range(5):
-        try:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False)
-            break
-        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a loaded machine misses it
-            ray.shutdown()
-            print(f"ray.init failed ({e}); attempt {attempt + 2} of 5", flush=True)
-    else:
-        raise RuntimeError("Ray did not start in 5 attempts")
+    init_local_ray(attempts=5, num_cpus=os.cpu_count(), include_dashboard=False,
+                   log_to_driver=False)
     try:
         results = run_many(configs, seeds=list(range(n)))
     finally:

@@ -46,19 +46,12 @@ def main() -> None:
 
     from recray.abtest.harness import run_world
     from recray.platform.abtest import run_world_on_ray
+    from recray.platform.ray_init import init_local_ray
 
     cfg = experiment(args.users, args.days, args.shards, args.creators)
     load_before = os.getloadavg()[0]
-    for attempt in range(3):
-        # Ray gives its raylet a fixed 30 s to register; on an overloaded machine it can miss it.
-        start = time.perf_counter()
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            if attempt == 2:
-                raise
-            ray.shutdown()
+    start = time.perf_counter()
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_init_seconds = time.perf_counter() - start
     start = time.perf_counter()
     sharded = run_world_on_ray(cfg, cfg.seeds[0])

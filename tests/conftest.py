@@ -43,8 +43,9 @@ def ray_local(tmp_path_factory):
     """A real local Ray on this machine's 2 cores, shut down at the end of the session."""
     import ray
 
-    ray.init(
-        address="local",
+    from recray.platform.ray_init import init_local_ray
+
+    init_local_ray(
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),

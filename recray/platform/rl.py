@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from recray.platform.config import ConfigError, _Strict, load_yaml, parse
+from recray.platform.ray_init import init_local_ray
 from recray.platform.run_folder import new_run_folder
 from recray.simulators import CREATOR_ECOSYSTEM, INTEREST_EVOLUTION, LONG_TERM_SATISFACTION
 from recray.simulators.learned_policy import (
@@ -390,8 +391,11 @@ def train(cfg: RLConfig, resume: str | None = None, out: Any = None,
         (folder / "config.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False,
-                 logging_level="WARNING")
+        if "RAY_ADDRESS" in os.environ:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
+                     logging_level="WARNING")
+        else:
+            init_local_ray(log_to_driver=False, logging_level="WARNING")
     needed = cfg.num_env_runners * cfg.cpus_per_env_runner
     cpus = ray.cluster_resources().get("CPU", 0)
     if needed > cpus:

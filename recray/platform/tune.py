@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from recray.data.schema import Schema
 from recray.platform.config import ConfigError, OptimSection, TrainConfig, _Strict, parse
+from recray.platform.ray_init import init_local_ray
 from recray.platform.run_folder import new_run_folder
 
 METRIC = "valid_auc"
@@ -646,16 +647,9 @@ def start_ray() -> None:
     port = _free_port()
     # include_dashboard stays Ray's default: a dashboard slow to start on a loaded machine is
     # then no error (the cleaner waits for it), where include_dashboard=True fails ray.init.
-    for attempt in range(3):
-        try:
-            context = ray.init(
-                address="local", log_to_driver=False, dashboard_port=port,
-                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-            break
-        except Exception as e:  # Ray gives its raylet a fixed 30 s, which a loaded host misses
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    context = init_local_ray(
+        log_to_driver=False, dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     if not (context.dashboard_url or "").endswith(f":{port}"):
         print(f"warning: Ray's dashboard is at {context.dashboard_url!r}, not port {port}: trials "
               "that the scheduler stops may keep their CPUs until the search ends",
