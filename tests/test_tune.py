@@ -431,3 +431,29 @@ def test_the_shipped_search_configs_pass_every_check(sim_dir, name):
     from recray.platform.tune import validate_search
 
     validate_search(load_tune_config(REPO / "configs" / name, {"data.path": str(sim_dir)}))
+
+
+def test_early_stopped_runs_last_report_is_left_to_the_trial_and_is_not_resumable(
+        tmp_path, monkeypatch):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from recray.platform.tune import EpochsToTune, resumable
+
+    forwarded = []
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # no Tune session
+    monkeypatch.setattr(TuneReportCallback, "after_report",
+                        lambda self, ctx, metrics, ckpt: forwarded.append(metrics[0]))
+    callback = EpochsToTune({"family": "dnn"}, last_epoch=9)
+    callback.after_report(None, [{"epoch": 2, "valid_auc": 0.7}], None)
+    # epoch 3 stopped the run early: its report carries epochs_run, the trial reports it itself
+    callback.after_report(None, [{"epoch": 3, "valid_auc": 0.69, "epochs_run": 4}], None)
+    assert [(m["epoch"], m["epochs_done"]) for m in forwarded] == [(2, 3)]
+
+    for epoch, stopped in ((2, False), (3, True)):
+        folder = tmp_path / "run" / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        (folder / "epoch.json").write_text(json.dumps({"epoch": epoch, "stopped_early": stopped}))
+    assert not resumable(tmp_path / "run", epochs=10)
+    shutil.rmtree(tmp_path / "run" / "checkpoint_000003")
+    assert resumable(tmp_path / "run", epochs=10)
+    assert not resumable(tmp_path / "run", epochs=3)

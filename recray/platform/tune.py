@@ -508,7 +508,9 @@ class EpochsToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         epoch = metrics[0]["epoch"]
-        if epoch < self.last_epoch:
+        # An early-stopped run's last report (it carries epochs_run) comes before train.epochs:
+        # it is the last one too, and the trial reports it itself once the run folder exists.
+        if epoch < self.last_epoch and "epochs_run" not in metrics[0]:
             forwarded = _scalars(metrics[0]) | self.extras | {"epochs_done": epoch + 1}
             super().after_report(run_context, [forwarded], None)
 
@@ -563,11 +565,14 @@ def earlier_runs(trial_runs: str, name: str) -> list[Path]:
 
 
 def resumable(run_dir: Path, epochs: int) -> bool:
-    """Whether the run has a checkpoint that leaves epochs to train (else it starts again)."""
+    """Whether the run has a checkpoint that leaves epochs to train (else it starts again); a run
+    that stopped early has none left."""
     from recray.platform.train import latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
-    return latest is not None and latest[0] < epochs - 1
+    if latest is None or latest[0] >= epochs - 1:
+        return False
+    return not json.loads((latest[1] / "epoch.json").read_text()).get("stopped_early", False)
 
 
 # --- the front ---------------------------------------------------------------------------------------
