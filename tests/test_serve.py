@@ -528,3 +528,27 @@ def test_new_run_folders_started_in_the_same_second_never_share_a_folder(tmp_pat
     assert [f.name for f in folders] == ["sim-20260101-120000", "sim-20260101-120000-1",
                                          "sim-20260101-120000-2"]
     assert all(f.is_dir() for f in folders)
+
+
+def test_a_history_capped_in_training_is_cut_to_its_newest_values_at_serving(tmp_path):
+    from types import SimpleNamespace
+
+    from recray.platform.serve import request_rows
+    from recray.platform.tune import data_view
+
+    simulate(tmp_path / "sim", WorldConfig(num_users=30, num_items=20, num_impressions=300, seed=2))
+    view = data_view(str(tmp_path / "sim"), tmp_path / "views", None, 3)
+    schema = Schema.load(view)
+    assert {f.name: f.max_length for f in schema.sequence_features} == {"history": 3}
+    full = pq.read_table(tmp_path / "sim" / "test.parquet").slice(0, 8)
+    user = full.slice(0, 1).to_pylist()[0]
+    assert len(user["history"]) > 3  # the case that matters: a longer history than trained on
+    request = SimpleNamespace(
+        user=SimpleNamespace(**{k: user[k] for k in USER_SIDE}),
+        candidates=[SimpleNamespace(**{k: v for k, v in row.items() if k not in USER_SIDE})
+                    for row in full.to_pylist()])
+    served = pa.Table.from_batches([request_rows(request, schema)])
+    # independently: the user's history as the view's rows hold it, newest three, oldest first
+    assert served.column("history").to_pylist() == [user["history"][-3:]] * full.num_rows
+    unchanged = pa.Table.from_batches([request_rows(request, Schema.load(tmp_path / "sim"))])
+    assert unchanged.column("history").to_pylist() == [user["history"]] * full.num_rows

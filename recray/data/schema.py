@@ -50,6 +50,9 @@ class Feature(BaseModel):
     pooling: Literal["sum", "mean"] = "sum"
     table: str | None = None
     vocabulary: list[int] | list[str] | None = None
+    # A list feature trained on its newest `max_length` values only (Tune's history cap): serving
+    # cuts a longer request list the same way, so the model sees what it was trained on.
+    max_length: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ids_have_one_range(self) -> Feature:

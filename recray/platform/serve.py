@@ -224,12 +224,13 @@ def request_model(schema: Schema, cfg: ServeConfig) -> type[BaseModel]:
     )
 
 
-def _id_column(values: tuple[Any, ...]) -> pa.Array:
+def _id_column(values: tuple[Any, ...], max_length: int | None = None) -> pa.Array:
     """Ids per row -> int64 when every row has one id, else list<int64> (a single id = a list of
-    one); to_batch reads both as the same jagged rows."""
+    one; a list cut to its newest `max_length`); to_batch reads both as the same jagged rows."""
     if all(type(v) is int for v in values):
         return pa.array(np.fromiter(values, np.int64, len(values)))
-    lists = [v if isinstance(v, list) else [v] for v in values]
+    lists = [(v[-max_length:] if max_length else v) if isinstance(v, list) else [v]
+             for v in values]
     lengths = np.fromiter((len(v) for v in lists), np.int32, len(lists))
     offsets = np.zeros(len(lists) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -258,13 +259,15 @@ def request_rows(request: BaseModel, schema: Schema) -> pa.RecordBatch:
                 columns[f.name] = pa.array(np.full(rows, value, np.float32))
             else:
                 ids = np.asarray(value if isinstance(value, list) else [value], np.int64)
+                if f.max_length:  # trained on the newest max_length values (oldest first)
+                    ids = ids[-f.max_length:]
                 offsets = np.arange(rows + 1, dtype=np.int32) * len(ids)
                 columns[f.name] = pa.ListArray.from_arrays(pa.array(offsets),
                                                            pa.array(np.tile(ids, rows)))
         elif f.kind == "dense":
             columns[f.name] = pa.array(np.array(by_name[f.name], np.float32))
         else:
-            columns[f.name] = _id_column(by_name[f.name])
+            columns[f.name] = _id_column(by_name[f.name], f.max_length)
     for label in schema.labels:  # to_batch wants labels; a request has none
         columns[label] = pa.array(np.zeros(rows, np.float32))
     return pa.RecordBatch.from_pydict(columns)

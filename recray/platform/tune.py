@@ -275,6 +275,15 @@ def with_embedding_dim(schema: Schema, dim: int) -> Schema:
     return Schema.model_validate(data)
 
 
+def with_max_length(schema: Schema, keep: int) -> Schema:
+    """The schema with every sequence feature marked as cut to its newest `keep` values."""
+    data = schema.model_dump()
+    for feature in data["features"]:
+        if feature["kind"] == "sequence":
+            feature["max_length"] = keep
+    return Schema.model_validate(data)
+
+
 def newest_items(column: pa.ChunkedArray | pa.Array, keep: int) -> pa.Array:
     """Each list cut to its last `keep` values (histories are stored oldest first).
 
@@ -310,7 +319,8 @@ def data_view(src: str, root: Path, embedding_dim: int | None,
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     schema = Schema.load(f"{src}/schema.yaml")
-    (with_embedding_dim(schema, embedding_dim) if embedding_dim else schema).save(tmp)
+    view = with_embedding_dim(schema, embedding_dim) if embedding_dim else schema
+    (with_max_length(view, max_history_length) if max_history_length else view).save(tmp)
     for split in SPLITS:
         source = Path(src) / f"{split}.parquet"
         if max_history_length:
