@@ -777,6 +777,7 @@ class ExactEvalSplits(ray.train.DataConfig):
 
 
 # Materialise the splits when their decoded size is at most this share of the object store.
+MATERIALIZE_MIN_EPOCHS = 3  # see split_datasets
 MATERIALIZE_SHARE = 0.25
 
 
@@ -802,9 +803,11 @@ def split_datasets(cfg: TrainConfig) -> dict[str, Any]:
     datasets = {
         split: ray.data.read_parquet(f"{cfg.data.path}/{split}.parquet") for split in SPLITS
     }
-    if _fits_object_store(cfg.data.path):
+    if cfg.train.epochs >= MATERIALIZE_MIN_EPOCHS and _fits_object_store(cfg.data.path):
         # Read once into the object store: every later epoch (and eval) iterates the decoded
         # blocks instead of decoding Parquet again, which on 2 cores is most of Ray Data's cost.
+        # The read is three more Ray Data executions up front: a run of one or two epochs
+        # re-reads too little to win them back.
         datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
     if cfg.train.shuffle:
         # One seeded block order per run, mixed anew each epoch by the seeded local buffer of
