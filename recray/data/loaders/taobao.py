@@ -165,6 +165,11 @@ def prepare_taobao(
     BUCKET_BYTES of input) and a time index of all clicks; then, bucket by bucket, train counts
     for the vocabularies; then, bucket by bucket and whole users at a time, histories, negatives
     and Parquet row groups. Samples come grouped by user, in time order within a user.
+
+    Memory holds one CSV chunk, the distinct items and users, the `ClickIndex` (12 bytes per
+    click; ~28 while it is sorted), one bucket (~150 bytes per click in it) and one batch of
+    GROUP_CLICKS clicks' samples. With `split_files`, the keys of every click (32 bytes each, and
+    `fixed_split`'s working copies) are held while the files are matched.
     """
     if not 0 <= min_history <= max_history:
         raise ValueError(
