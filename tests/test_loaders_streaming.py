@@ -196,6 +196,8 @@ def test_taobao_streams_the_whole_file_computation_whatever_the_chunks_and_bucke
     options = {"negatives": 2, "max_history": 6, "min_count": 2}
     one = prepare("taobao", src, tmp_path / "one", block_size=1 << 26, buckets=1, **options)
     monkeypatch.setattr(taobao, "GROUP_CLICKS", 50)  # many history batches per bucket
+    monkeypatch.setattr(taobao, "PARTITION_CLICKS", 40)  # many time spans, windows across them
+    monkeypatch.setattr(taobao, "TIME_SAMPLE", 16)  # spans from a sample thinned many times
     many = prepare("taobao", src, tmp_path / "many", block_size=1 << 11, buckets=7, **options)
     assert pq.ParquetFile(many / "train.parquet").num_row_groups > 20
     assert not list(many.glob(".taobao-buckets-*"))  # the bucket files are gone
@@ -221,8 +223,8 @@ def loader_peak_rss(data_set: str, src: Path, out: Path, options: dict) -> int:
 
 def test_taobao_peak_memory_does_not_grow_with_the_rows(tmp_path):
     # One bucket per 20k lines, as the default has one per BUCKET_BYTES of input, and 64 KiB
-    # chunks (both files read in several): only the time index of all clicks (12-24 bytes each)
-    # may grow, plus allocator noise (+5 to +25 MB measured). Holding the samples whole, as the
+    # chunks (both files read in several): nothing is held per click of the whole file, so
+    # only allocator noise may grow (+5 to +25 MB measured). Holding the samples whole, as the
     # loader did, added ~1.6 GB from 100k to 400k lines (~4.5 kB per click at max_history=50):
     # ~240 MB here.
     peaks, train_rows = [], []

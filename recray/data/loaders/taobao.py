@@ -1,6 +1,6 @@
 """Taobao UserBehavior -> next-click CTR samples: each click with its click history, plus negatives
 drawn from what other users clicked just before it. Streamed: memory holds one CSV chunk, one
-bucket of users and a compact time index of all clicks, never the samples whole."""
+bucket of users or one span of time, never the samples whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,11 @@ MAX_DRAWS = 32  # rejection rounds before a positive without a usable negative i
 # CSV bytes per user bucket when the bucket count is chosen from the file's size: ~1M lines of
 # ~32 bytes, ~150 MB of columns once read back and sorted (~150 bytes per click).
 BUCKET_BYTES = 32 << 20
+# Clicks per time partition for drawing negatives: each partition is sorted whole with the
+# clicks of the window before it (~40 bytes per click).
+PARTITION_CLICKS = 1 << 21
+# Click times kept from the first pass to choose the time partitions' bounds.
+TIME_SAMPLE = 1 << 16
 # Clicks per history batch within a bucket (whole users): each click can carry max_history
 # events in two list columns per sample, so this bounds the samples built at once.
 GROUP_CLICKS = 16_384
@@ -45,28 +49,10 @@ _CLICK_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class ClickIndex:
-    """Every click sorted by (time, line), as three int32 columns: 12 bytes per click (16 when the
-    clicks span more than 2^31 s). `time` is seconds since `t0`; `item` and `user` are positions
-    in the sorted distinct items and users."""
-
-    t0: int
-    time: np.ndarray
-    item: np.ndarray
-    user: np.ndarray
-
-    def offsets(self, time: np.ndarray) -> np.ndarray:
-        """`time` as this index's offsets, in its dtype: searchsorted would otherwise copy the index
-        to a common dtype on every call."""
-        info = np.iinfo(self.time.dtype)
-        return np.clip(np.asarray(time, np.int64) - self.t0, info.min, info.max).astype(
-            self.time.dtype
-        )
-
-
 def draw_negatives(
-    index: ClickIndex,
+    pool_time: np.ndarray,
+    pool_item: np.ndarray,
+    pool_user: np.ndarray,
     user: np.ndarray,
     item: np.ndarray,
     time: np.ndarray,
@@ -75,18 +61,20 @@ def draw_negatives(
     window_s: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each positive (user and item positions as in `index`, raw time), `negatives` item
-    positions from the clicks other users made in the `window_s` seconds before it (strictly
-    earlier), each click equally likely. The draws of a positive depend only on (`seed`, its
-    `key`, the index): the same whichever other positives are drawn alongside.
+    """For each positive (`user`, `item`, `time`), `negatives` items from the clicks other users
+    made in the `window_s` seconds before it (strictly earlier), each click equally likely.
+    `pool_*` are clicks sorted by (time, line) holding every click of each positive's window.
+    The draws of a positive depend only on (`seed`, its `key`, its window's clicks): the same
+    whichever other positives are drawn alongside, and whatever else the pool holds.
 
-    Returns ([n_positives, negatives] item positions, -1 where none was found; mask of positives
-    that got all of theirs).
+    Returns ([n_positives, negatives] items, 0 where none was found; mask of positives that got
+    all of theirs).
     """
-    end = np.searchsorted(index.time, index.offsets(time), side="left")  # first click at or after t
-    start = np.searchsorted(index.time, index.offsets(np.asarray(time) - window_s), side="left")
+    time = np.asarray(time, np.int64)
+    end = np.searchsorted(pool_time, time, side="left")  # first click at or after t
+    start = np.searchsorted(pool_time, time - window_s, side="left")
     width = end - start
-    drawn = np.full((len(keys), negatives), -1, dtype=np.int64)
+    drawn = np.zeros((len(keys), negatives), dtype=np.int64)
     found = np.zeros((len(keys), negatives), dtype=bool)
     keys = np.asarray(keys, np.int64)
     # rejection sampling, vectorised: redraw only the slots whose click was the user's own or
@@ -97,8 +85,8 @@ def draw_negatives(
             break
         u = _uniform(seed, keys[row], slot, draw)
         candidate = start[row] + np.minimum((u * width[row]).astype(np.int64), width[row] - 1)
-        ok = (index.user[candidate] != user[row]) & (index.item[candidate] != item[row])
-        drawn[row[ok], slot[ok]] = index.item[candidate[ok]]
+        ok = (pool_user[candidate] != user[row]) & (pool_item[candidate] != item[row])
+        drawn[row[ok], slot[ok]] = pool_item[candidate[ok]]
         found[row[ok], slot[ok]] = True
     return drawn, found.all(axis=1)
 
@@ -122,19 +110,13 @@ def sample_negatives(
     Returns ([n_positives, negatives] item ids, mask of positives that got all of theirs): a click
     whose window holds no other user's click of another item gets none.
     """
-    items, item_pos = np.unique(item, return_inverse=True)
-    _, user_pos = np.unique(user, return_inverse=True)
     order = np.lexsort((np.arange(len(time)), time))
-    t0 = int(time.min(initial=0))
-    index = ClickIndex(t0, np.asarray(time, np.int64)[order] - t0, item_pos[order], user_pos[order])
     positives = np.asarray(positives, np.int64)
-    drawn, complete = draw_negatives(
-        index, user_pos[positives], item_pos[positives], time[positives],
-        positives if keys is None else keys, negatives, window_s, seed,
+    return draw_negatives(
+        np.asarray(time, np.int64)[order], item[order], user[order], user[positives],
+        item[positives], time[positives], positives if keys is None else keys, negatives,
+        window_s, seed,
     )
-    if not len(items):
-        return np.zeros_like(drawn), complete
-    return np.where(drawn >= 0, items[drawn], 0), complete
 
 
 def prepare_taobao(
@@ -161,15 +143,19 @@ def prepare_taobao(
     in the same split. User, item and category ids come from vocabularies of the values clicked
     at least `min_count` times in train: 0 missing, 1 rarer or unseen, 2.. the vocabulary's.
 
-    Streamed in passes: the CSV in chunks into `buckets` files of users (default: one per
-    BUCKET_BYTES of input) and a time index of all clicks; then, bucket by bucket, train counts
-    for the vocabularies; then, bucket by bucket and whole users at a time, histories, negatives
-    and Parquet row groups. Samples come grouped by user, in time order within a user.
+    Streamed in passes over temporary Arrow files in `out` (deleted at the end): the CSV in
+    chunks into `buckets` files of users (default: one per BUCKET_BYTES of input); the buckets
+    into files of time spans (PARTITION_CLICKS clicks each); span by span in time order, with
+    the clicks of the window before it, every click's negatives, into files by user bucket
+    again; bucket by bucket, train counts for the vocabularies; then, bucket by bucket and whole
+    users at a time, histories and Parquet row groups. Samples come grouped by user, in time
+    order within a user.
 
-    Memory holds one CSV chunk, the distinct items and users, the `ClickIndex` (12 bytes per
-    click; ~28 while it is sorted), one bucket (~150 bytes per click in it) and one batch of
-    GROUP_CLICKS clicks' samples. With `split_files`, the keys of every click (32 bytes each, and
-    `fixed_split`'s working copies) are held while the files are matched.
+    Memory holds one CSV chunk, the distinct items, one bucket (~150 bytes per click in it) or
+    one time span, and one batch of GROUP_CLICKS clicks' samples: it does not grow with the
+    file. With `split_files`, the keys of every click (32 bytes each, and `fixed_split`'s
+    working copies) are held while the files are matched, and a split code per click after.
+    Disk holds ~100 bytes per click (plus 8 per negative) until the end.
     """
     if not 0 <= min_history <= max_history:
         raise ValueError(
@@ -200,15 +186,14 @@ def _prepare(
     split_files: Sequence[Path] | None, allow_partial_split: bool, seed: int, max_history: int,
     min_history: int, negatives: int, negative_window_s: int, min_count: int, embedding_dim: int,
 ) -> Path:
-    files, items, item_categories, users, span = _bucket_clicks(path, temp, buckets, block_size)
-    index = _click_index(files, items, users, *span)
-    n = len(index.time)
+    files, items, item_categories, n, times = _bucket_clicks(path, temp, buckets, block_size)
+    spans = _time_partitions(files, temp, times, n)
+    # time quantiles as np.quantile(time, ..., method="lower") finds them
+    cut = np.floor(np.array([0.8, 0.9]) * (n - 1)).astype(np.int64)
+    bounds, drawn_files = _negatives(spans, temp, buckets, cut, negatives, negative_window_s, seed)
 
-    if split_files is None:  # time quantiles as np.quantile(time, ..., method="lower") finds them
-        cut = np.floor(np.array([0.8, 0.9]) * (n - 1)).astype(np.int64) if n else None
-        bounds = index.time[cut].astype(np.int64) + index.t0 if n else np.zeros(2, np.int64)
-        fixed = None
-    else:  # the keys of every click, in bucket order; a key's copies stay in line order
+    fixed = None
+    if split_files is not None:  # the keys of every click, in bucket order; copies in line order
         keys = pa.concat_tables(_read(f, ["user_id", "item_id", "timestamp", ROW_KEY, "click"])
                                 for f in files)
         fixed = np.empty(n, dtype=np.int8)
@@ -220,8 +205,6 @@ def _prepare(
     def codes_of(bucket: pa.Table) -> np.ndarray:
         if fixed is not None:
             return fixed[bucket.column("click").to_numpy()]
-        if not n:
-            return np.zeros(0, dtype=np.int8)
         return np.searchsorted(bounds, bucket.column("timestamp").to_numpy(), side="left").astype(
             np.int8
         )
@@ -256,17 +239,14 @@ def _prepare(
     )
     writer = SplitWriter(out, schema)
     named_short = left_out = positives = 0
-    for f in tqdm(files, desc=f"taobao: writing {out}", unit="bucket"):
+    for b, f in enumerate(tqdm(files, desc=f"taobao: writing {out}", unit="bucket")):
         bucket = _read(f, [c.name for c in _CLICK_SCHEMA])
         order = np.lexsort(
             [bucket.column(c).to_numpy() for c in (ROW_KEY, "timestamp", "user_id")]
         )  # by user, then time, then line
-        user = bucket.column("user_id").to_numpy()[order]
         item_pos = np.searchsorted(items, bucket.column("item_id").to_numpy()[order])
         clicks = {
-            "user": user,
-            "user_pos": np.searchsorted(users, user),
-            "user_id": vocabulary_ids(vocab["user_id"], pa.array(user)),
+            "user": bucket.column("user_id").to_numpy()[order],
             "item_pos": item_pos,
             "item_id": item_ids[item_pos],
             "category_id": vocabulary_ids(
@@ -276,21 +256,23 @@ def _prepare(
             "row": bucket.column(ROW_KEY).to_numpy()[order],
             "code": codes_of(bucket)[order],
         }
-        del bucket, order
-        for lo, hi in _user_groups(user, GROUP_CLICKS):
-            group = {name: values[lo:hi] for name, values in clicks.items()}
+        clicks["user_id"] = vocabulary_ids(vocab["user_id"], pa.array(clicks["user"]))
+        del bucket, order, item_pos
+        drawn = _drawn_of(drawn_files[b] if drawn_files else None, clicks["row"], items, negatives)
+        for lo, hi in _user_groups(clicks["user"], GROUP_CLICKS):
             table, codes, short, candidates, kept = _samples(
-                group, index, item_ids, item_category_ids, max_history, min_history, negatives,
-                negative_window_s, seed,
+                {name: values[lo:hi] for name, values in clicks.items()},
+                tuple(values[lo:hi] for values in drawn), item_ids, item_category_ids,
+                max_history, min_history, negatives,
             )
             writer.write(table, codes)
             named_short += short
             positives += candidates
             left_out += candidates - kept
     if not n:  # no clicks: empty split files all the same
-        writer.write(_samples(_no_clicks(), index, item_ids, item_category_ids, max_history,
-                              min_history, negatives, negative_window_s, seed)[0],
-                     np.zeros(0, np.int8))
+        empty = _drawn_of(None, np.zeros(0, np.int64), items, negatives)
+        writer.write(*_samples(_no_clicks(), empty, item_ids, item_category_ids, max_history,
+                               min_history, negatives)[:2])
     if split_files is not None:  # rows the files name that cannot be samples: say how many
         print(
             f"taobao: {named_short} clicks named by split_files have fewer than "
@@ -308,17 +290,18 @@ def _prepare(
 
 def _bucket_clicks(
     path: Path, temp: Path, buckets: int, block_size: int
-) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+) -> tuple[list[Path], np.ndarray, np.ndarray, int, np.ndarray]:
     """Pass 1: the `pv` events (user, item, category, timestamp, row = 0-based line, click =
     0-based click number) into Arrow files by hash of user, in line order within each file.
     Returns the files, every item (sorted) with its category (from every behaviour; the last line
-    wins if an item has several), every clicking user (sorted), and (clicks, first and last
-    click time)."""
+    wins if an item has several), the number of clicks, and the times of up to 2 * TIME_SAMPLE
+    clicks spread evenly over them (every stride-th click, the stride doubling as they come)."""
     files = [temp / f"bucket-{b:05d}.arrow" for b in range(buckets)]
     writers = [pa.ipc.new_file(f, _CLICK_SCHEMA) for f in files]
-    item_category, clicking = _Latest(), _Latest()
+    item_category = _Latest()
     start = clicked = 0
-    t0, t1 = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    sample: list[np.ndarray] = []
+    sampled, stride = 0, 1
     chunks = csv_chunks(
         path,
         pcsv.ReadOptions(column_names=COLUMNS, block_size=block_size),
@@ -340,10 +323,14 @@ def _bucket_clicks(
             columns["click"] = np.arange(clicked, clicked + len(columns[ROW_KEY]))
             start += chunk.num_rows
             clicked += len(columns["click"])
-            clicking.add(columns["user_id"])
-            if len(columns["timestamp"]):
-                t0 = min(t0, int(columns["timestamp"].min()))
-                t1 = max(t1, int(columns["timestamp"].max()))
+            every = columns["click"] % stride == 0
+            sample.append(np.stack([columns["click"][every], columns["timestamp"][every]]))
+            sampled += int(every.sum())
+            if sampled > 2 * TIME_SAMPLE:
+                stride *= 2
+                kept = np.concatenate(sample, axis=1)
+                sample = [kept[:, kept[0] % stride == 0]]
+                sampled = sample[0].shape[1]
             bucket = _bucket_of(columns["user_id"], buckets)
             order = np.argsort(bucket, kind="stable")  # line order kept within a bucket
             ends = np.cumsum(np.bincount(bucket, minlength=buckets))
@@ -358,61 +345,127 @@ def _bucket_clicks(
         for w in writers:
             w.close()
     items, categories = item_category.result()
-    return files, items, categories, clicking.result()[0], (clicked, t0, t1)
+    times = np.concatenate(sample, axis=1)[1] if sample else np.zeros(0, np.int64)
+    return files, items, categories, clicked, times
 
 
-def _click_index(
-    files: list[Path], items: np.ndarray, users: np.ndarray, n: int, t0: int, t1: int
-) -> ClickIndex:
-    """Pass 2: the `ClickIndex` from the bucket files. Sorting it holds ~28 bytes per click for a
-    moment (the permutation and one column's copy beside the three columns)."""
-    t0 = t0 if n else 0
-    dtype = np.int32 if t1 - t0 < 2**31 else np.int64
-    time = np.empty(n, dtype=dtype)
-    item = np.empty(n, dtype=np.int32)
-    user = np.empty(n, dtype=np.int32)
-    for f in tqdm(files, desc="taobao: indexing clicks by time", unit="bucket"):
-        bucket = _read(f, ["click", "timestamp", "item_id", "user_id"])
-        click = bucket.column("click").to_numpy()
-        time[click] = bucket.column("timestamp").to_numpy() - t0
-        item[click] = np.searchsorted(items, bucket.column("item_id").to_numpy())
-        user[click] = np.searchsorted(users, bucket.column("user_id").to_numpy())
-    order = np.argsort(time, kind="stable")  # ties in time stay in line order
-    time = time[order]  # one column's copy at a time
-    item = item[order]
-    user = user[order]
-    return ClickIndex(t0, time, item, user)
+_SPAN_SCHEMA = pa.schema([(c, pa.int64()) for c in ("timestamp", "item_id", "user_id", ROW_KEY)])
+
+
+def _time_partitions(files: list[Path], temp: Path, times: np.ndarray, n: int) -> list[Path]:
+    """Pass 2: the clicks of the user buckets into files of consecutive time spans of about
+    PARTITION_CLICKS clicks (bounds from the sampled `times`), in time order."""
+    parts = max(1, math.ceil(n / PARTITION_CLICKS))
+    bounds = (np.unique(np.quantile(times, np.arange(1, parts) / parts, method="lower"))
+              if len(times) else np.zeros(0, np.int64))
+    spans = [temp / f"span-{k:05d}.arrow" for k in range(len(bounds) + 1)]
+    writers = [pa.ipc.new_file(f, _SPAN_SCHEMA) for f in spans]
+    try:
+        for f in tqdm(files, desc="taobao: spreading clicks over time spans", unit="bucket"):
+            bucket = _read(f, _SPAN_SCHEMA.names)
+            span = np.searchsorted(bounds, bucket.column("timestamp").to_numpy(), side="right")
+            for k in np.unique(span):
+                writers[k].write_table(bucket.filter(pa.array(span == k)))
+    finally:
+        for w in writers:
+            w.close()
+    return spans
+
+
+_DRAWN_ROW = "row"
+
+
+def _negatives(
+    spans: list[Path], temp: Path, buckets: int, cut: np.ndarray, negatives: int, window_s: int,
+    seed: int,
+) -> tuple[np.ndarray, list[Path]]:
+    """Pass 3: span by span in time order, each click's negatives drawn from its span and the
+    clicks of the window before it, into files by user bucket (row, complete, items). Returns
+    the times at positions `cut` of all clicks sorted by time, and the files (none without
+    negatives)."""
+    schema = pa.schema([(_DRAWN_ROW, pa.int64()), ("complete", pa.bool_())]
+                       + [(f"negative{k}", pa.int64()) for k in range(negatives)])
+    files = [temp / f"negatives-{b:05d}.arrow" for b in range(buckets)] if negatives else []
+    writers = [pa.ipc.new_file(f, schema) for f in files]
+    bounds = np.zeros(len(cut), np.int64)
+    tail = {c: np.zeros(0, np.int64) for c in _SPAN_SCHEMA.names}
+    seen = 0
+    try:
+        for f in tqdm(spans, desc="taobao: drawing negatives", unit="span"):
+            table = _read(f, _SPAN_SCHEMA.names)
+            if not table.num_rows:
+                continue
+            span = {c: table.column(c).to_numpy() for c in _SPAN_SCHEMA.names}
+            del table
+            order = np.lexsort((span[ROW_KEY], span["timestamp"]))
+            span = {c: v[order] for c, v in span.items()}
+            time = span["timestamp"]
+            hit = (cut >= seen) & (cut < seen + len(time))
+            bounds[hit] = time[cut[hit] - seen]
+            seen += len(time)
+            # every earlier span's clicks that can be in a window of this span's: all earlier
+            keep = tail["timestamp"] >= time[0] - window_s
+            pool = {c: np.concatenate([tail[c][keep], span[c]]) for c in _SPAN_SCHEMA.names}
+            if negatives:
+                drawn, complete = draw_negatives(
+                    pool["timestamp"], pool["item_id"], pool["user_id"], span["user_id"],
+                    span["item_id"], time, span[ROW_KEY], negatives, window_s, seed,
+                )
+                bucket = _bucket_of(span["user_id"], buckets)
+                for b in np.unique(bucket):
+                    at = bucket == b
+                    writers[b].write_batch(pa.record_batch(
+                        [pa.array(span[ROW_KEY][at]), pa.array(complete[at])]
+                        + [pa.array(drawn[at, k]) for k in range(negatives)],
+                        schema=schema,
+                    ))
+            tail = pool
+    finally:
+        for w in writers:
+            w.close()
+    return bounds, files
+
+
+def _drawn_of(
+    path: Path | None, rows: np.ndarray, items: np.ndarray, negatives: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The negatives (item positions in `items`, [len(rows), negatives]) and completeness drawn
+    for each of `rows`, from a user bucket's negatives file."""
+    if path is None:  # no negatives: every positive has all of its none
+        return np.zeros((len(rows), 0), np.int64), np.ones(len(rows), dtype=bool)
+    table = _read(path, [_DRAWN_ROW, "complete", *(f"negative{k}" for k in range(negatives))])
+    drawn_rows = table.column(_DRAWN_ROW).to_numpy()
+    by_row = np.argsort(drawn_rows)
+    at = by_row[np.searchsorted(drawn_rows, rows, sorter=by_row)]
+    drawn = np.stack([table.column(f"negative{k}").to_numpy()[at] for k in range(negatives)],
+                     axis=1)
+    return np.searchsorted(items, drawn), table.column("complete").to_numpy()[at]
 
 
 def _samples(
     clicks: dict[str, np.ndarray],
-    index: ClickIndex,
+    drawn: tuple[np.ndarray, np.ndarray],
     item_ids: np.ndarray,
     item_category_ids: np.ndarray,
     max_history: int,
     min_history: int,
     negatives: int,
-    window_s: int,
-    seed: int,
 ) -> tuple[pa.Table, np.ndarray, int, int, int]:
-    """The samples of whole users' clicks sorted by (user, time, line): each kept positive
-    followed by its negatives. Returns (table, split codes, clicks named by a split but with too
-    short a history, positives with a long enough history, positives that got their negatives)."""
+    """The samples of whole users' clicks sorted by (user, time, line), with each click's drawn
+    negatives (item positions) and whether it got all: each kept positive followed by its
+    negatives. Returns (table, split codes, clicks named by a split but with too short a
+    history, positives with a long enough history, positives that got their negatives)."""
     user, time, code = clicks["user"], clicks["time"], clicks["code"]
     offsets, events = history(user, time, user, time, max_history)
     short = np.diff(offsets) < min_history
     candidates = np.flatnonzero(~short & (code != DROPPED))
-    drawn, complete = draw_negatives(
-        index, clicks["user_pos"][candidates], clicks["item_pos"][candidates], time[candidates],
-        clicks["row"][candidates], negatives, window_s, seed,
-    )
-    kept, drawn = candidates[complete], drawn[complete]
+    kept = candidates[drawn[1][candidates]]
 
     group = 1 + negatives
     sample = np.repeat(kept, group)
     sample_item = clicks["item_pos"][sample]
     is_negative = np.tile(np.arange(group) > 0, len(kept))
-    sample_item[is_negative] = drawn.ravel()
+    sample_item[is_negative] = drawn[0][kept].ravel()
     sample_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[sample])])
     sample_events = events[_ranges(offsets[sample], offsets[sample + 1])]
     table = pa.table(
@@ -433,7 +486,7 @@ def _samples(
 
 def _no_clicks() -> dict[str, np.ndarray]:
     return {name: np.zeros(0, np.int64) for name in
-            ("user", "user_pos", "user_id", "item_pos", "item_id", "category_id", "time", "row")} | {
+            ("user", "user_id", "item_pos", "item_id", "category_id", "time", "row")} | {
         "code": np.zeros(0, np.int8)}
 
 
