@@ -148,6 +148,9 @@ def main() -> None:
 
     cfg = load_train_config(args.config)
     data_dir = Path(cfg.data.path)
+    oracle_file = data_dir / "oracle.json"
+    oracle = (json.loads(oracle_file.read_text())["oracle"]["test"]["auc"]
+              if oracle_file.is_file() else None)
     rows = [] if args.no_baseline else [sklearn_baseline(data_dir, Schema.load(data_dir / "schema.yaml"))]
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -156,6 +159,8 @@ def main() -> None:
         result = {"benchmark": "model_zoo", "config": str(args.config),
                   "budget": cfg.train.model_dump(mode="json"), "machine": platform.machine(),
                   "results": rows, "summary": summary(rows)}
+        if oracle is not None:  # a simulated world: the true click probability's test AUC
+            result["oracle_test_auc"] = oracle
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
 
@@ -169,6 +174,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             write()
     print("\n" + table(summary(rows)))
+    if oracle is not None:
+        print(f"oracle test AUC (the world's true click probability): {oracle:.4f}")
 
 
 if __name__ == "__main__":
