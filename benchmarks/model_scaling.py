@@ -173,14 +173,14 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in MODELS:
+    for place, name in enumerate(MODELS):
         rows = [r for r in out["results"] if r["model"] == name]
         ax.plot([r["parameters"]["dense"] for r in rows], [r["test_auc"] for r in rows],
                 marker="o", label=name)
         for r in rows:
             ax.annotate(f"{r['size']} {r['flops_per_sample']['total'] / 1e3:.0f}k FLOPs",
                         (r["parameters"]["dense"], r["test_auc"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, -10))
+                        textcoords="offset points", xytext=(4, 6 if place == 0 else -12))
     ax.axhline(out["oracle_test_auc"], color="grey", linestyle="--", label="oracle (true p_click)")
     ax.set_xscale("log")
     ax.set_xlabel("dense parameters (embedding tables fixed)")
