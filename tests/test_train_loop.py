@@ -208,3 +208,17 @@ def test_two_sharded_workers_stop_early_and_serve_the_best_epoch(sim_dir, tmp_pa
     last = models.build("dcnv2", Schema.load(sim_dir / "schema.yaml"))
     _load_dcp(last, last_checkpoint / "dcp")
     assert metrics["test_auc"] != pytest.approx(_test_auc_of(last.state_dict(), sim_dir), abs=1e-6)
+
+
+def test_a_single_named_task_gets_the_overall_metrics_early_stopping_watches():
+    from sklearn.metrics import roc_auc_score
+
+    from recray.platform.config import EarlyStopping
+    from recray.platform.train import task_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (200, 1)).astype(float)
+    probs = np.clip(labels * 0.3 + rng.random((200, 1)) * 0.7, 0, 1)
+    out = task_metrics("valid", ["click"], labels, probs)  # a schema whose one label is label_click
+    assert out["valid_auc"] == out["valid_auc_click"] == roc_auc_score(labels[:, 0], probs[:, 0])
+    assert EarlyStopping(metric="auc").key(["click"]) in out

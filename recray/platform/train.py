@@ -289,7 +289,7 @@ def task_metrics(
             float(roc_auc_score(y, p)) if finite and 0 < y.sum() < len(y) else float("nan")
         )
         out[f"{split}_logloss{suffix}"] = float(log_loss(y, p, labels=[0, 1])) if finite else float("nan")
-    if len(tasks) > 1:
+    if tasks != ["label"]:  # several tasks, or one named `label_<task>`: the overall figures too
         out[f"{split}_auc"] = float(np.nanmean([out[f"{split}_auc_{t}"] for t in tasks]))
         out[f"{split}_logloss"] = float(np.mean([out[f"{split}_logloss_{t}"] for t in tasks]))
     return out
