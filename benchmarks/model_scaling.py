@@ -94,9 +94,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import ray
+    from recray.platform.ray_init import init_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     load_at_start = os.getloadavg()
     world = WorldConfig(num_users=args.users, num_items=args.items,
                         num_impressions=args.impressions, seed=args.seed)

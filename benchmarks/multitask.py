@@ -73,9 +73,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.003)
     args = parser.parse_args()
 
-    import ray
+    from recray.platform.ray_init import init_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     load_at_start = os.getloadavg()
     work = Path(args.work)
     log = work / f"creator-{args.users}u-{args.days}d"
